@@ -1,0 +1,18 @@
+"""evoprune: evolve which neurons and connections of a trained network to keep, then remove the rest for real.
+
+model -> :class:`PruningSpace` (what can be pruned) -> individuals (neuron + connection chromosomes) -> DEAP operators
+-> fitness -> :func:`search` -> :func:`apply_plan` (torch-pruning surgery) -> :func:`export`.
+"""
+from ._version import __version__
+from .errors import CheckpointError, ConfigError, DataError, EvoPruneError, ModelError, PlanError
+from .export import export, model_card
+from .genome import Layout
+from .plan import PruningPlan
+from .space import ChannelGroup, ConnectionUnit, PruningSpace
+from .surgery import apply_plan, masked
+
+__all__ = [
+    "__version__", "EvoPruneError", "PlanError", "ConfigError", "DataError", "ModelError", "CheckpointError",
+    "PruningSpace", "ChannelGroup", "ConnectionUnit", "Layout", "PruningPlan", "apply_plan", "masked", "export",
+    "model_card",
+]

@@ -1,0 +1,141 @@
+"""Export a (pruned) model for deployment: full-module .pt, TorchScript, ONNX, and a JSON model card.
+
+Every file is written atomically, and every format is reloaded and checked against the in-memory model before
+``export`` returns.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.util
+import io
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from ._version import __version__
+from .errors import ConfigError, ModelError
+from .plan import PruningPlan
+from .storage import atomic_write, torch_save, write_json
+
+FORMATS = ("pt", "torchscript", "onnx")
+
+
+def layer_widths(model: nn.Module) -> dict[str, int]:
+    """Output channels of every Conv and Linear layer, in network order."""
+    widths = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            widths[name] = m.out_channels
+        elif isinstance(m, nn.Linear):
+            widths[name] = m.out_features
+    return widths
+
+
+def model_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def model_card(model: nn.Module, example_inputs: torch.Tensor, *, plan: PruningPlan | None = None,
+               widths: dict | None = None, extra: dict | None = None) -> dict:
+    """Facts about a model: input/output shapes, per-layer widths, MACs, params, bytes, the plan and versions."""
+    macs, params = tp.utils.count_ops_and_params(model, example_inputs)
+    with torch.no_grad():
+        out = model.eval()(example_inputs)
+    card = {
+        "evoprune_version": __version__,
+        "torch_version": torch.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": type(model).__name__,
+        "input_shape": list(example_inputs.shape),
+        "output_shape": list(out.shape),
+        "macs": macs,
+        "params": params,
+        "bytes": model_bytes(model),
+        "group_widths": widths or {},
+        "layer_widths": layer_widths(model),
+        "plan": plan.to_dict() if plan is not None else None,
+    }
+    card.update(extra or {})
+    return card
+
+
+def export(model: nn.Module, path: str | os.PathLike, example_inputs: torch.Tensor,
+           formats=FORMATS, *, plan: PruningPlan | None = None, widths: dict | None = None,
+           extra: dict | None = None, atol: float = 1e-4) -> dict[str, str]:
+    """Write ``model`` as ``<stem>.pt`` (whole module), ``<stem>.torchscript.pt``, ``<stem>.onnx`` (when the
+    ``onnx`` extra is installed) and ``<stem>.json`` (model card). Returns ``{format: path}``.
+
+    ``path`` is the ``.pt`` path or the stem. The TorchScript file runs with ``torch.jit.load`` without evoprune.
+    """
+    formats = tuple(formats)
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise ConfigError(f"unknown export format(s) {unknown or formats}; choose from {', '.join(FORMATS)}")
+    if not isinstance(example_inputs, torch.Tensor):
+        raise ModelError("example_inputs must be a tensor batch, e.g. torch.randn(1, 3, 32, 32)")
+    model = model.eval()
+    try:
+        with torch.no_grad():
+            reference = model(example_inputs)
+    except Exception as exc:
+        raise ModelError(f"the model cannot run on inputs of shape {tuple(example_inputs.shape)}: {exc}") from None
+    path = Path(path)
+    stem = path.with_suffix("") if path.suffix == ".pt" else path
+    written = {}
+    if "pt" in formats:
+        written["pt"] = str(stem.with_name(stem.name + ".pt"))
+        torch_save(model, written["pt"])
+    if "torchscript" in formats:
+        written["torchscript"] = str(stem.with_name(stem.name + ".torchscript.pt"))
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch >= 2.9 flags torch.jit as deprecated; it still is the portable path
+            traced = torch.jit.trace(model, example_inputs, check_trace=False)
+            with atomic_write(written["torchscript"], "wb") as fh:
+                torch.jit.save(traced, fh)
+            reloaded = torch.jit.load(written["torchscript"])(example_inputs)
+        _check_close("torchscript", reloaded, reference, atol)
+    onnx_status = "not requested"
+    if "onnx" in formats:
+        if importlib.util.find_spec("onnx") is None:
+            onnx_status = "skipped: install the onnx extra (pip install evoprune[onnx])"
+            warnings.warn(f"ONNX export {onnx_status}", stacklevel=2)
+        else:
+            written["onnx"] = str(stem.with_name(stem.name + ".onnx"))
+            _export_onnx(model, example_inputs, written["onnx"])
+            onnx_status = "written"
+            if importlib.util.find_spec("onnxruntime") is not None:
+                import onnxruntime as ort
+                sess = ort.InferenceSession(written["onnx"], providers=["CPUExecutionProvider"])
+                got = sess.run(None, {sess.get_inputs()[0].name: example_inputs.numpy()})[0]
+                _check_close("onnx", torch.from_numpy(got), reference, atol)
+                onnx_status = "written, checked with onnxruntime"
+    card = model_card(model, example_inputs, plan=plan, widths=widths, extra=extra)
+    card["files"] = {fmt: {"path": Path(p).name, "bytes": os.path.getsize(p)} for fmt, p in written.items()}
+    card["onnx"] = onnx_status
+    written["card"] = str(stem.with_name(stem.name + ".json"))
+    write_json(written["card"], card)
+    return written
+
+
+def _export_onnx(model, example_inputs, path):
+    buf = io.BytesIO()
+    kwargs = dict(input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"},
+                                                                             "logits": {0: "batch"}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(model, (example_inputs,), buf, dynamo=False, **kwargs)
+        except TypeError:  # older torch without the dynamo switch
+            torch.onnx.export(model, (example_inputs,), buf, **kwargs)
+    with atomic_write(path, "wb") as fh:
+        fh.write(buf.getvalue())
+
+
+def _check_close(fmt, got, reference, atol):
+    if got.shape != reference.shape or not torch.allclose(got, reference, atol=atol, rtol=1e-4):
+        diff = (got - reference).abs().max().item() if got.shape == reference.shape else "shape"
+        raise ModelError(f"the exported {fmt} model disagrees with the in-memory model (max diff {diff})")
