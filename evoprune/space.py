@@ -240,8 +240,7 @@ class PruningSpace:
     # ------------------------------------------------------------------ effective plan and cost
     def cut_units(self, plan: PruningPlan) -> tuple[ConnectionUnit, ...]:
         """The outermost units the plan cuts (a unit nested in a cut unit goes with it), in network order."""
-        cut = [u for u in self.units if u.name in set(plan.cut)]
-        return tuple(u for u in cut if not any(o is not u and all(o.contains(m) for m in u.modules) for o in cut))
+        return _outermost([u for u in self.units if u.name in set(plan.cut)])
 
     def effective_kept(self, plan: PruningPlan) -> dict[str, tuple[int, ...]]:
         """Kept indices per group once cut sequential units hand their input channels on to their consumers."""
@@ -253,27 +252,48 @@ class PruningSpace:
         return kept
 
     def alive(self, plan: PruningPlan):
-        cut = self.cut_units(plan)
+        return self._alive(self.cut_units(plan))
+
+    @staticmethod
+    def _alive(cut):
         return lambda module: not any(u.contains(module) for u in cut)
 
     def cost(self, plan: PruningPlan, *, validate: bool = True) -> tuple[float, int]:
         """``(macs, params)`` of the model pruned by ``plan``, without running it. Equal to
         ``torch_pruning.utils.count_ops_and_params`` on ``apply_plan(model, plan, example_inputs)``."""
-        if self._cost is None:
-            raise ModelError("this space was built with with_cost=False; rebuild it to compute costs")
         if validate:
             self.validate(plan)
-        kept = self.effective_kept(plan)
-        removed = np.array([g.size - len(kept[g.name]) for g in self.groups], dtype=np.int64)
-        return self._cost.count(removed, self.alive(plan))
+        counts = [len(plan.groups.get(g.name, range(g.size))) for g in self.groups]
+        active = [plan.connections.get(u.name, True) for u in self.units]
+        return self.cost_from_counts(counts, active)
+
+    def cost_from_counts(self, counts: Sequence[int], active: Sequence[bool]) -> tuple[float, int]:
+        """Cost from kept channel counts per group and active flags per unit: all the cost depends on."""
+        if self._cost is None:
+            raise ModelError("this space was built with with_cost=False; rebuild it to compute costs")
+        counts = list(int(c) for c in counts)
+        cut = _outermost([u for u, a in zip(self.units, active) if not a])
+        for u in cut:
+            if u.kind == "sequential":
+                j = self._group_index[u.out_group]
+                counts[j] = counts[self._group_index[u.in_group]] if u.in_group is not None else self.groups[j].size
+        removed = np.array([g.size - c for g, c in zip(self.groups, counts)], dtype=np.int64)
+        return self._cost.count(removed, self._alive(cut))
 
     def cost_of(self, individual: Sequence[int]) -> tuple[float, int]:
-        """Cost of an individual (only kept counts and cut units matter, so no plan is needed)."""
-        return self.cost(self.decode(individual), validate=False)
+        """Cost of an individual (only kept counts and cut units matter, so no plan is built)."""
+        self.check_genes(individual)
+        return self.cost_from_counts(self.layout.kept_counts(individual),
+                                     self.layout.active_connections(individual))
 
     def widths(self, plan: PruningPlan) -> dict[str, int]:
         """Channels each group keeps (Table 5 of the paper), after connection cuts."""
         return {name: len(k) for name, k in self.effective_kept(plan).items()}
+
+
+def _outermost(cut):
+    """Cut units not nested inside another cut unit (a nested unit goes with its parent), in network order."""
+    return tuple(u for u in cut if not any(o is not u and all(o.contains(m) for m in u.modules) for o in cut))
 
 
 # ====================================================================== discovery helpers

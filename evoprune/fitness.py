@@ -1,0 +1,265 @@
+"""Fitness: score a plan by top-1 (or loss) on a held-out subset, plus its analytic MACs.
+
+* **Faithful.** BatchNorm statistics are re-calibrated on a few fixed training batches before scoring (adaptive BN,
+  as in EagleEye). Pruning shifts every downstream activation distribution, so without it the quick score ranks plans
+  poorly.
+* **Fast.** Each plan is scored masked (no copy, full-size compute) or physically pruned (a copy, cheaper compute),
+  whichever is cheaper for its MACs; tensors stay in memory; genomes already seen are cached; inference mode.
+* **Parallel-friendly.** An :class:`Evaluator` pickles to a few hundred bytes: the model and tensors are published
+  once (``scoop.shared`` under SCOOP, a module-level registry otherwise) and every process loads them once.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import traceback
+import uuid
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .errors import ConfigError, EvoPruneError, ModelError, PlanError
+from .space import PruningSpace, check_finite
+from .surgery import apply_plan, masked
+
+_REGISTRY: dict[str, dict] = {}  # token -> payload, in this process
+_WORKERS: dict[str, "_Worker"] = {}  # token -> loaded state, in this process
+
+
+class EvaluationError(EvoPruneError):
+    """A fitness call failed (or gave NaN). The message names the plan, the process and the traceback."""
+
+
+def under_scoop() -> bool:
+    """True when this program was launched with ``python -m scoop``."""
+    import scoop
+    return bool(getattr(scoop, "IS_RUNNING", False))
+
+
+@dataclass
+class FitnessConfig:
+    metric: str = "top1"  # "top1" or "loss" (fitness is then minus the mean loss)
+    bn_recalibration: bool = True
+    batch_size: int = 500
+    mode: str = "auto"  # "auto", "masked" or "physical"
+    physical_below: float = 0.6  # auto: prune physically when the plan keeps less than this fraction of MACs
+    on_error: str = "raise"  # "raise" (fail fast) or "worst" (score as worst, log, continue)
+    threads: int | None = None  # torch threads per SCOOP worker (default 1); None leaves serial runs alone
+    device: str = "cpu"
+    extra: dict = field(default_factory=dict)
+
+    def check(self):
+        if self.metric not in ("top1", "loss"):
+            raise ConfigError(f"metric must be 'top1' or 'loss', got {self.metric!r}")
+        if self.mode not in ("auto", "masked", "physical"):
+            raise ConfigError(f"mode must be 'auto', 'masked' or 'physical', got {self.mode!r}")
+        if self.on_error not in ("raise", "worst"):
+            raise ConfigError(f"on_error must be 'raise' or 'worst', got {self.on_error!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive int, got {self.batch_size!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError("device 'cuda' was asked for, but torch sees no CUDA device; use --device cpu")
+
+
+class Evaluator:
+    """``evaluator(individual) -> (score, macs)``: the DEAP ``evaluate`` function.
+
+    ``score_x``/``score_y``: the held-out scoring subset (normalised inputs, int labels). ``recal_x``: a list of
+    input batches for BN re-calibration (taken from training data), or None to skip it. Build one per round.
+    """
+
+    def __init__(self, model: nn.Module, space: PruningSpace, score_x: torch.Tensor, score_y: torch.Tensor,
+                 recal_x=None, config: FitnessConfig | None = None):
+        config = config or FitnessConfig()
+        config.check()
+        if len(score_x) == 0 or len(score_x) != len(score_y):
+            raise ConfigError(f"scoring data must be non-empty with one label per input "
+                              f"({len(score_x)} inputs, {len(score_y)} labels)")
+        if tuple(score_x.shape[1:]) != tuple(space.input_shape[1:]):
+            raise ModelError(f"scoring inputs have shape {tuple(score_x.shape[1:])} per sample, the space was built "
+                             f"for {tuple(space.input_shape[1:])}")
+        if config.bn_recalibration and not recal_x:
+            raise ConfigError("BN re-calibration is on but no recal_x batches were given (pass training batches, "
+                              "or set bn_recalibration=False)")
+        check_finite(model)
+        self.token = f"evoprune_{uuid.uuid4().hex}"
+        self.config = config
+        self.space = space  # small: names, sizes and the cost table
+        payload = {"model": model.cpu().eval(), "space": space, "score_x": score_x, "score_y": score_y,
+                   "recal_x": list(recal_x or []), "config": config}
+        _REGISTRY[self.token] = payload
+        if under_scoop():
+            from scoop import shared
+            shared.setConst(**{self.token: payload})
+
+    def __getstate__(self):
+        return {"token": self.token, "config": self.config, "space": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    def __call__(self, individual) -> tuple[float, float]:
+        return _worker(self.token).evaluate(individual)
+
+    def score_model(self, model: nn.Module) -> float:
+        """Score a whole model (no plan) the way plans are scored, without BN re-calibration."""
+        return _worker(self.token).score(model)[0]
+
+    def release(self):
+        _REGISTRY.pop(self.token, None)
+        _WORKERS.pop(self.token, None)
+
+
+def _worker(token: str) -> "_Worker":
+    w = _WORKERS.get(token)
+    if w is None:
+        payload = _REGISTRY.get(token)
+        if payload is None and under_scoop():
+            from scoop import shared
+            payload = shared.getConst(token, timeout=300)
+        if payload is None:
+            raise EvaluationError(f"no fitness state for {token} in process {os.getpid()}: create the Evaluator in "
+                                  "the main program before mapping it")
+        w = _WORKERS[token] = _Worker(payload)
+    return w
+
+
+class _Worker:
+    """The heavy state of an Evaluator inside one process."""
+
+    def __init__(self, payload):
+        self.cfg: FitnessConfig = payload["config"]
+        import scoop
+        if under_scoop() and not getattr(scoop, "IS_ORIGIN", False):
+            torch.set_num_threads(self.cfg.threads or 1)
+        elif self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+        self.device = torch.device(self.cfg.device)
+        self.model = payload["model"].to(self.device).eval()
+        self.space: PruningSpace = payload["space"]
+        self.x = payload["score_x"].to(self.device)
+        self.y = payload["score_y"].to(self.device)
+        self.recal = [b.to(self.device) for b in payload["recal_x"]]
+        self.example = self.x[:1]
+        self.cache: dict[bytes, tuple[float, float]] = {}
+        self.calls = 0
+        self.hits = 0
+
+    def evaluate(self, individual) -> tuple[float, float]:
+        try:
+            key = bytes(bytearray(individual))
+        except (ValueError, TypeError):
+            self.space.check_genes(individual)  # raises a PlanError that says what is wrong
+            raise
+        hit = self.cache.get(key)
+        if hit is not None:
+            self.hits += 1
+            return hit
+        self.calls += 1
+        try:
+            plan = self.space.decode(individual)
+            macs, _ = self.space.cost(plan, validate=False)
+            score, loss = self._score_plan(plan, macs)
+            if not math.isfinite(loss):
+                raise EvaluationError(f"the scoring loss is {loss}")
+        except Exception as exc:
+            summary = _describe(self.space, individual)
+            if self.cfg.on_error == "worst":
+                import warnings
+                warnings.warn(f"fitness failed for {summary} ({type(exc).__name__}: {exc}); scored as worst",
+                              stacklevel=2)
+                result = (-1.0, float(self.space.base_macs))
+                self.cache[key] = result
+                return result
+            if isinstance(exc, PlanError):
+                raise
+            raise EvaluationError(f"fitness failed for {summary} in process {os.getpid()}:\n"
+                                  f"{traceback.format_exc()}") from None
+        result = (float(score), float(macs))
+        self.cache[key] = result
+        return result
+
+    def _score_plan(self, plan, macs):
+        mode = self.cfg.mode
+        if mode == "auto":
+            mode = "physical" if macs < self.cfg.physical_below * self.space.base_macs else "masked"
+        if mode == "physical":
+            net = apply_plan(self.model, plan, self.example, space=self.space).eval()
+            if self.cfg.bn_recalibration:
+                recalibrate_bn(net, self.recal)
+            return self.score(net)
+        with masked(self.model, plan, self.space) as net:
+            if self.cfg.bn_recalibration:
+                with restored_bn(net):
+                    recalibrate_bn(net, self.recal)
+                    return self.score(net)
+            return self.score(net)
+
+    def score(self, net) -> tuple[float, float]:
+        correct, loss_sum = 0, 0.0
+        bs = self.cfg.batch_size
+        with torch.inference_mode():
+            for i in range(0, len(self.x), bs):
+                logits = net(self.x[i:i + bs])
+                y = self.y[i:i + bs]
+                correct += int((logits.argmax(1) == y).sum())
+                loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+        loss = loss_sum / len(self.x)
+        score = correct / len(self.x) if self.cfg.metric == "top1" else -loss
+        return score, loss
+
+
+def _bn_layers(net):
+    return [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+def recalibrate_bn(net: nn.Module, batches) -> nn.Module:
+    """Adaptive BN: recompute every BatchNorm's running statistics on ``batches`` (cumulative average), leaving
+    weights and every other layer (dropout included) in eval mode."""
+    bns = _bn_layers(net)
+    if not bns or not batches:
+        return net
+    momenta = [bn.momentum for bn in bns]
+    net.eval()
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    try:
+        with torch.no_grad():
+            for x in batches:
+                net(x)
+    finally:
+        for bn, m in zip(bns, momenta):
+            bn.momentum = m
+        net.eval()
+    return net
+
+
+@contextlib.contextmanager
+def restored_bn(net: nn.Module):
+    """Put every BatchNorm's running statistics back as they were on exit."""
+    saved = [(bn, bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
+             for bn in _bn_layers(net)]
+    try:
+        yield net
+    finally:
+        for bn, mean, var, n in saved:
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+            bn.num_batches_tracked.copy_(n)
+
+
+def _describe(space: PruningSpace, individual) -> str:
+    try:
+        counts = space.layout.kept_counts(individual)
+        widths = ", ".join(f"{g.name}={c}/{g.size}" for g, c in zip(space.groups, counts))
+        cut = [u.name for u, a in zip(space.units, space.layout.active_connections(individual)) if not a]
+        return f"plan [{widths}; cut: {', '.join(cut) or 'none'}]"
+    except Exception:
+        return f"an individual of {len(individual)} genes"
+
+
+__all__ = ["Evaluator", "FitnessConfig", "EvaluationError", "recalibrate_bn", "restored_bn", "under_scoop"]

@@ -1,0 +1,212 @@
+"""GA operators in DEAP's style: small functions that take individuals, change them in place and return a tuple.
+
+Individuals are flat 0/1 lists laid out by :class:`evoprune.genome.Layout` (neuron genes group by group, then one
+connection gene per unit). Randomness comes from Python's ``random`` module, as in DEAP, so ``random.seed`` makes a
+run reproducible. ``ranks`` is a list, in group order, of each channel's importance rank in [0, 1]
+(:func:`evoprune.importance.ranks`).
+"""
+from __future__ import annotations
+
+import bisect
+import math
+import random
+from typing import Sequence
+
+import numpy as np
+from deap import tools
+
+from .errors import ConfigError
+from .genome import Layout
+
+
+def check_probability(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0 \
+            or math.isnan(value):
+        raise ConfigError(f"{name} must be a probability in [0, 1], got {value!r}")
+    return float(value)
+
+
+# ---------------------------------------------------------------------------------------------------- crossover
+def cut_point(layout: Layout, p_c: float) -> int:
+    """The paper's crossover point: ``p_c`` of the way along the encoding, snapped to the nearest group boundary."""
+    target = p_c * len(layout)
+    bounds = layout.boundaries
+    i = bisect.bisect_left(bounds, target)
+    near = [b for b in bounds[max(i - 1, 0): i + 1]]
+    return min(near, key=lambda b: (abs(b - target), b))
+
+
+def cx_paper(ind1, ind2, layout: Layout, p_c: float = 0.6):
+    """One-point crossover at the cut point set by ``p_c`` (on a group boundary): the tails are swapped.
+
+    Slices of lists are copies, so unlike ``tools.cxTwoPoint`` on numpy individuals no views are swapped.
+    """
+    cut = cut_point(layout, p_c)
+    tail1, tail2 = list(ind1[cut:]), list(ind2[cut:])
+    ind1[cut:], ind2[cut:] = tail2, tail1
+    return ind1, ind2
+
+
+def cx_group_uniform(ind1, ind2, layout: Layout, indpb: float = 0.5):
+    """Swap whole groups (and single connection genes) between parents, each with probability ``indpb``."""
+    segments = [layout.group_slice(i) for i in range(len(layout.group_sizes))]
+    segments += [slice(layout.n_neurons + j, layout.n_neurons + j + 1) for j in range(layout.n_connections)]
+    for sl in segments:
+        if random.random() < indpb:
+            a, b = list(ind1[sl]), list(ind2[sl])
+            ind1[sl], ind2[sl] = b, a
+    return ind1, ind2
+
+
+# ---------------------------------------------------------------------------------------------------- mutation
+def mut_bitflip(individual, indpb: float):
+    """Flip each gene with probability ``indpb`` (``tools.mutFlipBit``)."""
+    return tools.mutFlipBit(individual, indpb)
+
+
+def mut_guided(individual, layout: Layout, ranks: Sequence[np.ndarray], indpb: float, conn_indpb: float = 0.0,
+               sharpness: float = 4.0):
+    """Importance-guided mutation: about ``indpb`` of each group's channels change state; a switch-off prefers
+    low-importance kept channels and a switch-on prefers high-importance removed ones (weights ``exp(±sharpness *
+    rank)``). Each connection gene flips with probability ``conn_indpb``."""
+    for i, r in enumerate(ranks):
+        sl = layout.group_slice(i)
+        genes = individual[sl]
+        n = _binomial(len(genes), indpb)
+        for _ in range(n):
+            on = [k for k, v in enumerate(genes) if v]
+            off = [k for k, v in enumerate(genes) if not v]
+            if off and (not on or random.random() < 0.5):
+                k = random.choices(off, weights=[math.exp(sharpness * r[j]) for j in off])[0]
+                genes[k] = 1
+            elif on:
+                k = random.choices(on, weights=[math.exp(-sharpness * r[j]) for j in on])[0]
+                genes[k] = 0
+        individual[sl] = genes
+    for j in range(layout.n_neurons, len(layout)):
+        if random.random() < conn_indpb:
+            individual[j] = 1 - individual[j]
+    return (individual,)
+
+
+def _binomial(n: int, p: float) -> int:
+    return sum(1 for _ in range(n) if random.random() < p) if n < 64 else \
+        min(n, max(0, round(random.gauss(n * p, math.sqrt(max(n * p * (1 - p), 1e-12))))))
+
+
+# ---------------------------------------------------------------------------------------------------- repair
+def repair(individual, space, ranks: Sequence[np.ndarray], *, macs_budget: float | None = None,
+           params_budget: float | None = None):
+    """Enforce ``space.min_keep`` and ``space.round_to`` in every group, then shrink the individual until it fits
+    the MACs/params budget.
+
+    Shrinking keeps the most important of the currently kept channels of every group, by one common factor found by
+    bisection on the analytic cost. An individual that cannot fit even at ``min_keep`` is left at its smallest.
+    """
+    layout = space.layout
+    counts = []
+    for i, g in enumerate(space.groups):
+        sl = layout.group_slice(i)
+        genes = individual[sl]
+        want = _legal_count(sum(genes), g.size, space.min_keep, space.round_to)
+        individual[sl] = _set_count(genes, want, ranks[i])
+        counts.append(want)
+    if macs_budget is None and params_budget is None:
+        return (individual,)
+    active = layout.active_connections(individual)
+
+    def fits(cs):
+        macs, params = space.cost_from_counts(cs, active)
+        return (macs_budget is None or macs <= macs_budget) and (params_budget is None or params <= params_budget)
+
+    if fits(counts):
+        return (individual,)
+
+    def scaled(f):
+        return [_legal_count(max(1, round(f * c)), g.size, space.min_keep, space.round_to, up=False)
+                for c, g in zip(counts, space.groups)]
+
+    lo, hi = 0.0, 1.0  # fits(scaled(lo)) is the best we can do; hi does not fit
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        if fits(scaled(mid)):
+            lo = mid
+        else:
+            hi = mid
+    final = scaled(lo)
+    for i, want in enumerate(final):
+        sl = layout.group_slice(i)
+        individual[sl] = _set_count(individual[sl], want, ranks[i])
+    return (individual,)
+
+
+def _legal_count(count: int, size: int, min_keep: int, round_to: int | None, up: bool = True) -> int:
+    count = max(count, min(min_keep, size))
+    if round_to and round_to > 1 and count < size:
+        lower = (count // round_to) * round_to
+        upper = lower + round_to if lower < count else lower
+        count = upper if up else lower
+        count = min(max(count, round_to, min(min_keep, size)), size)
+    return min(count, size)
+
+
+def _set_count(genes: list, want: int, rank: np.ndarray) -> list:
+    """Switch channels on (most important first) or off (least important first) until ``want`` are on."""
+    genes = list(genes)
+    have = sum(genes)
+    if have < want:
+        off = sorted((k for k, v in enumerate(genes) if not v), key=lambda k: -rank[k])
+        for k in off[: want - have]:
+            genes[k] = 1
+    elif have > want:
+        on = sorted((k for k, v in enumerate(genes) if v), key=lambda k: rank[k])
+        for k in on[: have - want]:
+            genes[k] = 0
+    return genes
+
+
+# ---------------------------------------------------------------------------------------------------- initialisation
+def init_importance(icls, layout: Layout, ranks: Sequence[np.ndarray], keep_range=(0.2, 1.0), noise: float = 0.02):
+    """An individual that keeps the top ``r`` of every group by importance, ``r`` drawn from ``keep_range``, with
+    a few genes flipped (``noise``); all connections active. Called N times it seeds a spread of keep ratios."""
+    lo, hi = keep_range
+    r = random.uniform(lo, hi)
+    genes = []
+    for rank in ranks:
+        n = max(1, round(r * len(rank)))
+        genes.extend(int(x) for x in (rank >= np.sort(rank)[len(rank) - n]))
+    genes.extend([1] * layout.n_connections)
+    ind = icls(genes)
+    if noise:
+        tools.mutFlipBit(ind, noise)
+        ind[layout.n_neurons:] = [1] * layout.n_connections
+    return ind
+
+
+def init_random(icls, layout: Layout, keep_range=(0.3, 1.0), conn_keep: float = 0.8):
+    """A random individual: each channel kept with a probability drawn from ``keep_range``."""
+    p = random.uniform(*keep_range)
+    genes = [int(random.random() < p) for _ in range(layout.n_neurons)]
+    genes += [int(random.random() < conn_keep) for _ in range(layout.n_connections)]
+    return icls(genes)
+
+
+# ---------------------------------------------------------------------------------------------------- selection
+def sel_topk(individuals, k: int):
+    """Truncation selection: the ``k`` best by (accuracy, then fewer MACs)."""
+    return sorted(individuals, key=lambda ind: (ind.fitness.values[0], -ind.fitness.values[1]), reverse=True)[:k]
+
+
+def sel_budget(individuals, k: int, budget: float):
+    """Budget mode: feasible individuals (MACs <= budget) first, by accuracy then fewer MACs; infeasible ones after
+    every feasible one, least over budget first."""
+    def key(ind):
+        acc, macs = ind.fitness.values[:2]
+        feasible = macs <= budget
+        return (feasible, acc if feasible else -macs, -macs)
+    return sorted(individuals, key=key, reverse=True)[:k]
+
+
+def sel_nsga2(individuals, k: int):
+    """NSGA-II over (accuracy up, MACs down): ``tools.selNSGA2``."""
+    return tools.selNSGA2(individuals, k)

@@ -1,0 +1,366 @@
+"""The search driver: T rounds, each a GA over the current model, then physical pruning and fine-tuning.
+
+Defaults are the paper's: population N=30, K=5 elites, p_c=0.6, p_mut=0.6, T=5 rounds. Round ``k`` of ``T`` aims
+at ``target ** (k / T)`` of the original MACs (or params), so each round prunes further from the last and the final
+model meets ``target``. Within a round (one DEAP generation per step):
+
+    elites = select(population, K)
+    offspring = mate pairs of elites, mutate each child with probability p_mut (both repaired into the budget)
+    population = elites + offspring; evaluate the new ones (toolbox.map: SCOOP workers or serial)
+
+The state is checkpointed after every generation, so a killed search resumes to the same result.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+from deap import base, tools
+
+from . import checkpoint as ckpt
+from .errors import ConfigError
+from .export import layer_widths, model_bytes
+from .fitness import Evaluator, FitnessConfig, recalibrate_bn
+from .importance import KINDS as IMPORTANCE_KINDS
+from .importance import channel_importance
+from .operators import check_probability, sel_budget
+from .plan import PruningPlan
+from .space import PruningSpace
+from .surgery import apply_plan
+from .toolbox import creator_types, register
+
+
+@dataclass
+class SearchConfig:
+    rounds: int = 5
+    generations: int = 5
+    population: int = 30
+    elites: int = 5
+    p_c: float = 0.6
+    p_mut: float = 0.6
+    target: float = 0.5
+    target_kind: str = "macs"  # "macs" or "params"
+    objective: str = "budget"  # "budget", "nsga2" or "topk"
+    crossover: str = "paper"
+    mutation: str = "guided"
+    importance: str = "l1"
+    init: str = "importance"
+    connections: bool = True
+    seed: int = 0
+
+    def check(self):
+        for name in ("rounds", "generations"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"{name} must be an int >= 1, got {v!r}")
+        if not isinstance(self.population, int) or self.population < 2:
+            raise ConfigError(f"population must be an int >= 2, got {self.population!r}")
+        if not isinstance(self.elites, int) or not 1 <= self.elites <= self.population:
+            raise ConfigError(f"elites must be an int in [1, population={self.population}], got {self.elites!r}")
+        check_probability("p_c", self.p_c)
+        check_probability("p_mut", self.p_mut)
+        if isinstance(self.target, bool) or not isinstance(self.target, (int, float)) or \
+                not 0 < self.target <= 1 or math.isnan(self.target):
+            raise ConfigError(f"target must be a fraction in (0, 1] of the original MACs/params, got {self.target!r}")
+        if self.target_kind not in ("macs", "params"):
+            raise ConfigError(f"target_kind must be 'macs' or 'params', got {self.target_kind!r}")
+        if self.objective not in ("budget", "nsga2", "topk"):
+            raise ConfigError(f"objective must be 'budget', 'nsga2' or 'topk', got {self.objective!r}")
+        if self.importance not in IMPORTANCE_KINDS or self.importance == "taylor":
+            raise ConfigError(f"importance must be one of l1, l2, bn, random, got {self.importance!r}")
+
+
+@dataclass
+class SearchResult:
+    """One row per round in the columns of the paper's Tables 2 and 3, per-layer widths per round (Table 5),
+    the chosen plans, every evaluated (score, MACs) point, the Pareto fronts and the DEAP logbook."""
+
+    rows: list[dict]
+    widths: list[dict[str, int]]  # index 0: the original model; index k: after round k
+    plans: list[dict]
+    evaluated: list[list[tuple[float, float]]]
+    pareto: list[list[tuple[float, float]]]
+    logbook: tools.Logbook
+    model: nn.Module | None = None
+    baseline: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"baseline": self.baseline, "rows": self.rows, "widths": self.widths, "plans": self.plans,
+                "pareto": self.pareto, "logbook": list(self.logbook)}
+
+    def table(self) -> str:
+        """Tables 2 and 3 of the paper for this run, as markdown."""
+        head = "| round | params (M) | size (MB) | top-1 | reduction (%) | MMACs | time (s) |\n|---|---|---|---|---|---|---|"
+        lines = [head]
+        b = self.baseline
+        if b:
+            lines.append(f"| 0 | {b['params'] / 1e6:.3f} | {b['size_mb']:.3f} | {_fmt(b.get('top1'))} | 0 | "
+                         f"{b['macs'] / 1e6:.1f} | - |")
+        for r in self.rows:
+            lines.append(f"| {r['round']} | {r['params'] / 1e6:.3f} | {r['size_mb']:.3f} | {_fmt(r['top1'])} | "
+                         f"{r['reduction_pct']:.1f} | {r['macs'] / 1e6:.1f} | {r['time_s']:.1f} |")
+        return "\n".join(lines)
+
+    def widths_table(self) -> str:
+        """Table 5 of the paper: output channels of every conv/linear layer after each round."""
+        layers = list(self.widths[0])
+        head = "| layer | " + " | ".join(["r0"] + [f"r{k}" for k in range(1, len(self.widths))]) + " |"
+        lines = [head, "|" + "---|" * (len(self.widths) + 1)]
+        for name in layers:
+            lines.append(f"| {name} | " + " | ".join(str(w.get(name, 0)) for w in self.widths) + " |")
+        return "\n".join(lines)
+
+
+def _fmt(x):
+    return "-" if x is None else f"{x:.4f}"
+
+
+def _model_row(model, example_inputs):
+    import torch_pruning as tp
+    macs, params = tp.utils.count_ops_and_params(model, example_inputs)
+    return {"params": int(params), "size_mb": model_bytes(model) / 2**20, "macs": float(macs)}
+
+
+def search(model: nn.Module, example_inputs: torch.Tensor, score_x: torch.Tensor, score_y: torch.Tensor, *,
+           recal_x=None, report: Callable[[nn.Module], float] | None = None,
+           finetune: Callable[[nn.Module, int], nn.Module] | None = None, config: SearchConfig | None = None,
+           fitness: FitnessConfig | None = None, space_kwargs: dict | None = None,
+           checkpoint_dir: str | None = None, progress: bool = True, verbose: bool = True,
+           **overrides) -> SearchResult:
+    """Run the multi-round GA and return a :class:`SearchResult` (its ``model`` is the final pruned model).
+
+    ``score_x``/``score_y``: the fitness subset (held out; never the images you report accuracy on).
+    ``recal_x``: training batches for BN re-calibration. ``report(model) -> top-1``: the accuracy reported per round
+    (on a separate split). ``finetune(model, round) -> model`` runs between rounds. Settings go in ``config`` or as
+    keyword overrides (``rounds=``, ``generations=``, ``population=``, ``elites=``, ``p_c=``, ``p_mut=``,
+    ``target=``, ``objective=``, ``seed=``...). With ``checkpoint_dir`` the state is saved after every generation and
+    an existing checkpoint there is resumed.
+    """
+    config = _replace(config or SearchConfig(), overrides)
+    config.check()
+    fitness = fitness or FitnessConfig()
+    fitness.check()
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"search expects an nn.Module, got {type(model).__name__}")
+    space_kwargs = dict(space_kwargs or {})
+    space_kwargs.setdefault("connections", config.connections)
+    settings = {k: v for k, v in vars(config).items()}
+    settings.update({f"fitness.{k}": v for k, v in vars(fitness).items() if k not in ("threads", "extra")})
+
+    original = model
+    space0 = PruningSpace.from_model(original, example_inputs, **space_kwargs)
+    base = _model_row(original, example_inputs)
+    base["top1"] = report(original) if report else None
+    state = ckpt.load(checkpoint_dir, fingerprint=space0.fingerprint, settings=settings) if checkpoint_dir else None
+    creator_types()
+    logbook = tools.Logbook()
+    logbook.header = ["round", "gen", "evals", "feasible", "best", "median", "best_mmacs", "min_mmacs", "hv"]
+    result = SearchResult([], [layer_widths(original)], [], [], [], logbook, baseline=base)
+    current = original
+    start_round, resume_gen = 1, None
+    if state is None:
+        random.seed(config.seed)
+        np.random.seed(config.seed % 2**32)
+        torch.manual_seed(config.seed)
+    else:
+        result.rows, result.plans = state["rows"], state["plans"]
+        result.widths, result.evaluated, result.pareto = state["widths"], state["evaluated"], state["pareto"]
+        logbook.extend(state["logbook"])
+        for plan in result.plans:  # rebuild the structure of the last finished round, then its weights
+            current = apply_plan(current, PruningPlan.from_dict(plan), example_inputs)
+        if state["weights"] is not None:
+            current.load_state_dict(state["weights"])
+        start_round = len(result.plans) + 1
+        resume_gen = state.get("generation")
+        ckpt.set_rng_state(state["rng"])
+        if verbose:
+            print(f"evoprune: resumed from {checkpoint_dir} at round {start_round}, generation "
+                  f"{resume_gen if resume_gen is not None else 0}", file=sys.stderr)
+
+    total = base["macs"] if config.target_kind == "macs" else base["params"]
+    for k in range(start_round, config.rounds + 1):
+        t0 = time.perf_counter()
+        budget = total * config.target ** (k / config.rounds)
+        space = space0 if current is original else PruningSpace.from_model(current, example_inputs, **space_kwargs)
+        importance = channel_importance(current, space, example_inputs, config.importance, seed=config.seed + k)
+        evaluator = Evaluator(current, space, score_x, score_y, recal_x, fitness)
+        macs_budget = budget if config.target_kind == "macs" else None
+        params_budget = budget if config.target_kind == "params" else None
+        toolbox = register(base_toolbox(), space, evaluator, p_c=config.p_c, p_mut=config.p_mut,
+                           objective=config.objective, elites=config.elites, macs_budget=macs_budget,
+                           params_budget=params_budget, importance=importance, crossover=config.crossover,
+                           mutation=config.mutation, init=config.init)
+        feasible = _feasibility(space, macs_budget, params_budget)
+        front = tools.ParetoFront()
+        if state is not None and resume_gen is not None and state.get("round") == k:
+            pop = _restore_population(state["population"])
+            front.update(_restore_population(state["front"]))
+            result.evaluated[-1] = evaluated = [tuple(p) for p in result.evaluated[-1]]
+            first_gen = resume_gen + 1
+        else:
+            pop = [toolbox.repair(toolbox.individual())[0] for _ in range(config.population)]
+            evaluated = []
+            result.evaluated.append(evaluated)
+            n = _evaluate(toolbox, pop, evaluated)
+            front.update(pop)
+            _record(logbook, k, 0, n, pop, feasible, space, verbose)
+            first_gen = 1
+            _save(checkpoint_dir, space0, settings, result, k, 0, pop, front, current, original)
+        for gen in range(first_gen, config.generations + 1):
+            elites = toolbox.select(pop, config.elites)
+            offspring = []
+            while len(offspring) < config.population - len(elites):
+                a, b = (toolbox.clone(x) for x in (random.sample(elites, 2) if len(elites) > 1 else elites * 2))
+                a, b = toolbox.mate(a, b)
+                for child in (a, b):
+                    if random.random() < toolbox.p_mut:
+                        toolbox.mutate(child)
+                    del child.fitness.values
+                offspring.extend((a, b))
+            pop = [toolbox.clone(e) for e in elites] + offspring[: config.population - len(elites)]
+            if progress:
+                _progress(k, config.rounds, gen, config.generations, logbook[-1])
+            n = _evaluate(toolbox, pop, evaluated)
+            front.update(pop)
+            _record(logbook, k, gen, n, pop, feasible, space, verbose)
+            _save(checkpoint_dir, space0, settings, result, k, gen, pop, front, current, original)
+        best = _choose(pop + list(front), feasible, config.objective, macs_budget)
+        plan = space.decode(best)
+        pruned = apply_plan(current, plan, example_inputs, space=space)
+        if fitness.bn_recalibration and recal_x:
+            recalibrate_bn(pruned, recal_x)
+        search_score = best.fitness.values[0]
+        top1_pruned = report(pruned) if report else None
+        if finetune is not None:
+            pruned = finetune(pruned, k)
+        row = _model_row(pruned, example_inputs)
+        row.update({
+            "round": k, "budget": budget, "search_score": search_score, "top1_pruned": top1_pruned,
+            "top1": report(pruned) if report else None,
+            "reduction_pct": 100.0 * (1 - row["params"] / base["params"]),
+            "macs_pct": 100.0 * row["macs"] / base["macs"], "time_s": time.perf_counter() - t0,
+            "evaluations": sum(r.get("evals", 0) for r in logbook if r["round"] == k),
+            "cut": list(plan.cut),
+        })
+        result.rows.append(row)
+        result.plans.append(plan.to_dict())
+        result.widths.append(layer_widths(pruned))
+        result.pareto.append(sorted((ind.fitness.values[0], ind.fitness.values[1]) for ind in front))
+        evaluator.release()
+        current = pruned
+        _save(checkpoint_dir, space0, settings, result, k + 1, None, None, None, current, original)
+        if verbose:
+            print(f"evoprune: round {k}: {row['params'] / 1e6:.3f} M params, {row['macs'] / 1e6:.1f} MMACs "
+                  f"({row['macs_pct']:.1f} %), search score {search_score:.4f}"
+                  + (f", top-1 {row['top1']:.4f}" if row["top1"] is not None else ""), file=sys.stderr)
+    result.model = current
+    return result
+
+
+def base_toolbox() -> base.Toolbox:
+    return base.Toolbox()
+
+
+def _replace(cfg, overrides):
+    unknown = [k for k in overrides if not hasattr(cfg, k)]
+    if unknown:
+        raise ConfigError(f"unknown search setting(s): {', '.join(unknown)}")
+    new = copy.copy(cfg)
+    for k, v in overrides.items():
+        setattr(new, k, v)
+    return new
+
+
+def _feasibility(space, macs_budget, params_budget):
+    def feasible(ind):
+        if macs_budget is not None:
+            return ind.fitness.values[1] <= macs_budget
+        return space.cost_of(ind)[1] <= params_budget
+    return feasible
+
+
+def _evaluate(toolbox, population, evaluated) -> int:
+    """Evaluate the individuals without a fitness; each distinct genome once per call."""
+    todo = [ind for ind in population if not ind.fitness.valid]
+    unique = {}
+    for ind in todo:
+        unique.setdefault(tuple(ind), ind)
+    results = dict(zip(unique, toolbox.map(toolbox.evaluate, list(unique.values()))))
+    for ind in todo:
+        ind.fitness.values = results[tuple(ind)]
+    evaluated.extend(results.values())
+    return len(unique)
+
+
+def _record(logbook, k, gen, n, pop, feasible, space, verbose):
+    scores = [ind.fitness.values[0] for ind in pop]
+    ok = [ind for ind in pop if feasible(ind)]
+    best = max(ok or pop, key=lambda ind: (ind.fitness.values[0], -ind.fitness.values[1]))
+    logbook.record(round=k, gen=gen, evals=n, feasible=len(ok), best=round(best.fitness.values[0], 6),
+                   median=round(statistics.median(scores), 6), best_mmacs=round(best.fitness.values[1] / 1e6, 4),
+                   min_mmacs=round(min(ind.fitness.values[1] for ind in pop) / 1e6, 4),
+                   hv=round(hypervolume(pop, space.base_macs), 6))
+    if verbose:
+        print("\r\033[K" + logbook.stream, file=sys.stderr)
+
+
+def hypervolume(population, base_macs) -> float:
+    """Hypervolume of (score up, MACs fraction down) against the reference point (score 0, MACs fraction 1)."""
+    import moocore
+    pts = np.array([(-ind.fitness.values[0], ind.fitness.values[1] / base_macs) for ind in population
+                    if ind.fitness.values[0] > 0 and ind.fitness.values[1] < base_macs])
+    return float(moocore.hypervolume(pts, ref=[0.0, 1.0])) if len(pts) else 0.0
+
+
+def _choose(candidates, feasible, objective, macs_budget):
+    """The best plan under the target: the highest score among feasible plans (fewer MACs on ties)."""
+    ok = [ind for ind in candidates if feasible(ind)]
+    if ok:
+        return max(ok, key=lambda ind: (ind.fitness.values[0], -ind.fitness.values[1]))
+    return sel_budget(candidates, 1, macs_budget if macs_budget is not None else float("inf"))[0]
+
+
+def _progress(k, rounds, gen, gens, last):
+    """A progress bar for the generation being evaluated; the generation's logbook line replaces it."""
+    width = 20
+    done = int(width * (gen - 1) / gens)
+    print(f"\r\033[Kround {k}/{rounds} gen {gen}/{gens} [{'#' * done}{'.' * (width - done)}] evaluating... "
+          f"best so far {last['best']:.4f} @ {last['best_mmacs']:.2f} MMACs", end="", file=sys.stderr, flush=True)
+
+
+def _restore_population(saved):
+    _, individual_cls = creator_types()
+    pop = []
+    for genes, values in saved:
+        ind = individual_cls(int(g) for g in genes)
+        ind.fitness.values = tuple(values)
+        pop.append(ind)
+    return pop
+
+
+def _pack(individuals):
+    if individuals is None:
+        return None
+    return [(torch.tensor(list(ind), dtype=torch.uint8), list(ind.fitness.values)) for ind in individuals]
+
+
+def _save(directory, space0, settings, result, k, gen, pop, front, current, original):
+    if not directory:
+        return
+    ckpt.save(directory, {
+        "fingerprint": space0.fingerprint, "settings": settings, "round": k, "generation": gen,
+        "population": _pack(pop), "front": _pack(front),
+        "rows": result.rows, "plans": result.plans, "widths": result.widths, "evaluated": result.evaluated,
+        "pareto": result.pareto, "logbook": list(result.logbook),
+        "weights": None if current is original else current.state_dict(),
+        "rng": ckpt.rng_state(),
+    })

@@ -1,0 +1,137 @@
+"""The DEAP face of evoprune: register chromosome types and operators on a ``deap.base.Toolbox``.
+
+After ``register(toolbox, space, evaluate)`` the toolbox has ``individual``, ``population``, ``mate``, ``mutate``,
+``select``, ``evaluate`` and ``map``, so stock DEAP algorithms (``algorithms.eaSimple``, ``eaMuPlusLambda``) or a
+loop of your own work unchanged. ``mate`` and ``mutate`` are decorated with :func:`evoprune.operators.repair`, so
+offspring always respect ``min_keep``, ``round_to`` and the budget.
+
+Creator types (made once, guarded, shared by every toolbox):
+
+* ``creator.EvoPruneFitness``: ``base.Fitness`` with weights ``(1.0, -1.0)``, i.e. (score up, MACs down).
+* ``creator.EvoPruneIndividual``: a ``list`` of 0/1 genes with a ``fitness`` attribute.
+"""
+from __future__ import annotations
+
+import functools
+import random
+from typing import Callable
+
+import numpy as np
+from deap import base, creator, tools
+
+from . import operators as ops
+from .errors import ConfigError
+from .fitness import under_scoop
+from .importance import ranks as importance_ranks
+from .space import PruningSpace
+
+FITNESS = "EvoPruneFitness"
+INDIVIDUAL = "EvoPruneIndividual"
+OBJECTIVES = ("nsga2", "topk", "budget")
+
+
+def creator_types():
+    """Create (once) and return the fitness and individual classes."""
+    if not hasattr(creator, FITNESS):
+        creator.create(FITNESS, base.Fitness, weights=(1.0, -1.0))
+    if not hasattr(creator, INDIVIDUAL):
+        creator.create(INDIVIDUAL, list, fitness=getattr(creator, FITNESS))
+    return getattr(creator, FITNESS), getattr(creator, INDIVIDUAL)
+
+
+def parallel_map() -> Callable:
+    """``scoop.futures.map`` under ``python -m scoop``, the builtin ``map`` otherwise (no SCOOP warnings)."""
+    if under_scoop():
+        from scoop import futures
+        return futures.map
+    return map
+
+
+def _with_repair(space, ranks, macs_budget, params_budget):
+    """A DEAP decorator: repair every individual an operator returns."""
+    def decorator(op):
+        @functools.wraps(op)
+        def wrapper(*args, **kwargs):
+            out = op(*args, **kwargs)
+            for ind in out:
+                ops.repair(ind, space, ranks, macs_budget=macs_budget, params_budget=params_budget)
+            return out
+        return wrapper
+    return decorator
+
+
+def register(toolbox: base.Toolbox, space: PruningSpace, evaluate: Callable, *, p_c: float = 0.6,
+             p_mut: float = 0.6, objective: str = "nsga2", elites: int = 5, macs_budget: float | None = None,
+             params_budget: float | None = None, importance: dict | None = None, crossover: str = "paper",
+             mutation: str = "guided", indpb: float | None = None, conn_indpb: float | None = None,
+             init: str = "importance", keep_range=(0.2, 1.0), seed: int | None = None) -> base.Toolbox:
+    """Register evoprune's chromosome types and operators on ``toolbox`` and return it.
+
+    ``objective``: ``"nsga2"`` (Pareto over score and MACs, ``tools.selNSGA2``), ``"topk"`` (truncation, the paper's
+    K elites) or ``"budget"`` (maximise the score subject to ``macs_budget``; infeasible plans rank below every
+    feasible one and the repair step shrinks offspring into the budget). ``p_c`` sets the crossover cut point of
+    the paper's operator; ``p_mut`` is the per-individual mutation probability, exposed as ``toolbox.p_mut`` for
+    your loop (pass it as ``mutpb`` to stock DEAP algorithms). ``importance``: ``{group: scores}`` from
+    :func:`evoprune.importance.channel_importance`; without it the guided operators fall back to random ranks.
+    ``seed`` seeds Python's ``random`` (DEAP's source of randomness) and numpy.
+    """
+    p_c = ops.check_probability("p_c", p_c)
+    p_mut = ops.check_probability("p_mut", p_mut)
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if objective == "budget" and macs_budget is None and params_budget is None:
+        raise ConfigError("objective='budget' needs macs_budget (or params_budget)")
+    if crossover not in ("paper", "uniform"):
+        raise ConfigError(f"crossover must be 'paper' or 'uniform', got {crossover!r}")
+    if mutation not in ("guided", "bitflip"):
+        raise ConfigError(f"mutation must be 'guided' or 'bitflip', got {mutation!r}")
+    if init not in ("importance", "random"):
+        raise ConfigError(f"init must be 'importance' or 'random', got {init!r}")
+    if not isinstance(elites, int) or elites < 1:
+        raise ConfigError(f"elites must be a positive int, got {elites!r}")
+    if seed is not None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+    _, individual_cls = creator_types()
+    layout = space.layout
+    if importance is None:
+        rng = np.random.default_rng(0 if seed is None else seed)
+        importance = {g.name: rng.random(g.size) for g in space.groups}
+    missing = [g.name for g in space.groups if g.name not in importance]
+    if missing:
+        raise ConfigError(f"importance has no scores for group(s) {', '.join(missing)}")
+    rank_map = importance_ranks(importance)
+    ranks = [rank_map[g.name] for g in space.groups]
+    indpb = indpb if indpb is not None else min(0.5, 2.0 / max(1, layout.n_neurons) * len(space.groups))
+    conn_indpb = conn_indpb if conn_indpb is not None else (1.0 / layout.n_connections if layout.n_connections else 0)
+    ops.check_probability("indpb", indpb)
+    ops.check_probability("conn_indpb", conn_indpb)
+
+    if init == "importance":
+        toolbox.register("individual", ops.init_importance, individual_cls, layout, ranks, keep_range)
+    else:
+        toolbox.register("individual", ops.init_random, individual_cls, layout, keep_range)
+    toolbox.register("population", tools.initRepeat, list, toolbox.individual)
+    if crossover == "paper":
+        toolbox.register("mate", ops.cx_paper, layout=layout, p_c=p_c)
+    else:
+        toolbox.register("mate", ops.cx_group_uniform, layout=layout)
+    if mutation == "guided":
+        toolbox.register("mutate", ops.mut_guided, layout=layout, ranks=ranks, indpb=indpb, conn_indpb=conn_indpb)
+    else:
+        toolbox.register("mutate", ops.mut_bitflip, indpb=indpb)
+    repair = _with_repair(space, ranks, macs_budget, params_budget)
+    toolbox.decorate("mate", repair)
+    toolbox.decorate("mutate", repair)
+    toolbox.register("repair", ops.repair, space=space, ranks=ranks, macs_budget=macs_budget,
+                     params_budget=params_budget)
+    if objective == "nsga2":
+        toolbox.register("select", ops.sel_nsga2)
+    elif objective == "topk":
+        toolbox.register("select", ops.sel_topk)
+    else:
+        toolbox.register("select", ops.sel_budget, budget=macs_budget if macs_budget is not None else float("inf"))
+    toolbox.register("evaluate", evaluate)
+    toolbox.register("map", parallel_map())
+    toolbox.p_c, toolbox.p_mut, toolbox.elites, toolbox.space = p_c, p_mut, elites, space
+    return toolbox
