@@ -1,0 +1,365 @@
+"""Loading image data (ImageFolder trees, archives, torchvision layout), the cache, splits and augmentation."""
+import io
+import tarfile
+import urllib.error
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evoprune.data as data
+from evoprune.data import ImageSet, augment, batches, load_cifar10, normalize
+from evoprune.errors import ConfigError, DataError
+
+CLASSES = ["cat", "dog", "frog"]
+COLOURS = {"cat": (220, 40, 40), "dog": (40, 220, 40), "frog": (40, 40, 220)}
+
+
+def make_tree(root: Path, per_class=(6, 2), size=16, fmt="png") -> Path:
+    """train/<class>/*.png and val/<class>/*.png, each class a noisy tint, every image distinct."""
+    rng = np.random.default_rng(0)
+    for split, count in zip(("train", "val"), per_class):
+        for name in CLASSES:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(np.array(COLOURS[name]) + rng.integers(-30, 30, (size, size, 3)), 0, 255)
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i:03d}.{fmt}")
+    return root
+
+
+def make_archive(tree: Path, archive: Path, *, top: str | None = None) -> Path:
+    with tarfile.open(archive, "w:gz") as tar:
+        for split in ("train", "val"):
+            tar.add(tree / split, arcname=f"{top}/{split}" if top else split)
+    return archive
+
+
+@pytest.fixture
+def tree(tmp_path):
+    return make_tree(tmp_path / "tree")
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return tmp_path / "cache"
+
+
+def imageset(labels, size=8, seed=0) -> ImageSet:
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (len(labels), 3, size, size), dtype=torch.uint8, generator=generator)
+    return ImageSet(images, torch.tensor(labels, dtype=torch.int64), ["a", "b", "c", "d"][: max(labels) + 1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading and caching
+# ---------------------------------------------------------------------------------------------------------------
+
+def check_tree_sets(train, val):
+    assert train.images.shape == (18, 3, 16, 16) and train.images.dtype == torch.uint8
+    assert val.images.shape == (6, 3, 16, 16)
+    assert train.classes == CLASSES == val.classes
+    assert train.labels.tolist() == [0] * 6 + [1] * 6 + [2] * 6
+    assert val.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    # the dominant channel of each image is its class's colour: decoding kept RGB order
+    assert (train.images.float().mean((2, 3)).argmax(1) == train.labels).all()
+
+
+def test_image_folder_loads_and_is_cached(tree, cache, monkeypatch):
+    train, val = load_cifar10(tree, cache_dir=cache)
+    check_tree_sets(train, val)
+    assert sorted(p.name for p in cache.glob("*/*.pt")) == ["train.pt", "val.pt"]
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the second load must come from the cache")
+
+    monkeypatch.setattr(data, "decode_images", no_decoding)
+    again = load_cifar10(tree, cache_dir=cache)
+    assert torch.equal(again.train.images, train.images) and torch.equal(again.val.labels, val.labels)
+
+
+def test_cache_follows_changes_to_the_files(tree, cache):
+    first = load_cifar10(tree, cache_dir=cache)
+    Image.new("RGB", (16, 16), (0, 0, 0)).save(tree / "train" / "cat" / "999.png")
+    second = load_cifar10(tree, cache_dir=cache)
+    assert len(second.train) == len(first.train) + 1
+
+
+def test_default_cache_dir_comes_from_the_environment(tree, tmp_path, monkeypatch):
+    monkeypatch.setenv("EVOPRUNE_CACHE", str(tmp_path / "envcache"))
+    load_cifar10(tree)
+    assert len(list((tmp_path / "envcache").glob("*/train.pt"))) == 1
+
+
+@pytest.mark.parametrize("top", [None, "cifar"])
+def test_archive_loads_like_the_tree_and_is_cached(tree, cache, tmp_path, monkeypatch, top):
+    archive = make_archive(tree, tmp_path / "data.tar.gz", top=top)
+    train, val = load_cifar10(archive, cache_dir=cache)
+    check_tree_sets(train, val)
+    reference = load_cifar10(tree, cache_dir=tmp_path / "other-cache")
+    assert torch.equal(train.images, reference.train.images)
+
+    monkeypatch.setattr(data, "decode_images", lambda *a, **k: pytest.fail("decoded again"))
+    assert torch.equal(load_cifar10(archive, cache_dir=cache).val.images, val.images)
+
+
+def test_jpeg_tree_loads(tmp_path, cache):
+    train, _ = load_cifar10(make_tree(tmp_path / "jpg", fmt="jpg"), cache_dir=cache)
+    assert train.images.shape == (18, 3, 16, 16)
+    assert (train.images.float().mean((2, 3)).argmax(1) == train.labels).all()
+
+
+def test_process_pool_decodes_like_one_process(tree):
+    files = sorted((tree / "train").glob("*/*.png")) + [tree / "train" / "cat"]  # a folder is unreadable
+    pooled = data.decode_images(files, workers=2)
+    single = data.decode_images(files, workers=1)
+    assert len(pooled) == len(files) and isinstance(pooled[-1], str)
+    assert all(np.array_equal(a, b) for a, b in zip(pooled[:-1], single[:-1]))
+
+
+def test_torchvision_layout_is_read_with_train_and_test(tmp_path, monkeypatch):
+    class FakeCIFAR10:
+        def __init__(self, root, train, download):
+            count = 5 if train else 2
+            self.data = np.full((count, 32, 32, 3), 7 if train else 9, dtype=np.uint8)
+            self.targets = list(range(count))
+            self.classes = list("abcdefghij")
+
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    monkeypatch.setattr("torchvision.datasets.CIFAR10", FakeCIFAR10)
+    for path in (tmp_path, tmp_path / "cifar-10-batches-py"):
+        train, val = load_cifar10(path, cache_dir=tmp_path / "cache")
+        assert train.images.shape == (5, 3, 32, 32) and val.images.shape == (2, 3, 32, 32)
+        assert int(train.images[0, 0, 0, 0]) == 7 and int(val.images[0, 0, 0, 0]) == 9
+
+
+def test_broken_torchvision_layout(tmp_path, monkeypatch):
+    def corrupted(*args, **kwargs):
+        raise RuntimeError("Dataset not found or corrupted.")
+
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    monkeypatch.setattr("torchvision.datasets.CIFAR10", corrupted)
+    with pytest.raises(DataError, match="not a complete torchvision CIFAR-10 folder"):
+        load_cifar10(tmp_path, cache_dir=tmp_path / "cache")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------------------------
+
+def assert_lists_accepted_forms(message: str):
+    assert "cifar-10-batches-py" in message
+    assert "train/<class>" in message and "val/<class>" in message
+    assert ".tar.gz" in message
+    assert "download" in message and "network" in message
+
+
+def test_missing_path_lists_the_accepted_forms(tmp_path):
+    with pytest.raises(DataError, match="does not exist") as info:
+        load_cifar10(tmp_path / "nowhere", cache_dir=tmp_path / "cache")
+    assert_lists_accepted_forms(str(info.value))
+
+
+def test_folder_without_data_lists_the_accepted_forms(tmp_path):
+    (tmp_path / "train").mkdir()
+    with pytest.raises(DataError) as info:
+        load_cifar10(tmp_path, cache_dir=tmp_path / "cache")
+    assert_lists_accepted_forms(str(info.value))
+
+
+def test_offline_download_gives_guidance(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr("torchvision.datasets.CIFAR10", offline)
+    with pytest.raises(DataError, match="could not be downloaded") as info:
+        load_cifar10(tmp_path / "cifar", download=True, cache_dir=tmp_path / "cache")
+    assert_lists_accepted_forms(str(info.value))
+    assert isinstance(info.value.__cause__, urllib.error.URLError)
+
+
+def test_unknown_class_in_val(tree, cache, monkeypatch):
+    (tree / "val" / "horse").mkdir()
+    Image.new("RGB", (16, 16)).save(tree / "val" / "horse" / "0.png")
+    monkeypatch.setattr(data, "decode_images", lambda *a, **k: pytest.fail("must fail before decoding"))
+    with pytest.raises(DataError, match=r"unknown classes \['horse'\]"):
+        load_cifar10(tree, cache_dir=cache)
+
+
+def test_empty_split(tmp_path, cache):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "val").mkdir()
+    with pytest.raises(DataError, match="empty split"):
+        load_cifar10(tmp_path, cache_dir=cache)
+
+
+def test_class_folder_without_images(tree, cache):
+    for image in (tree / "val" / "dog").iterdir():
+        image.unlink()
+    with pytest.raises(DataError, match="holds no images"):
+        load_cifar10(tree, cache_dir=cache)
+
+
+def test_corrupt_image_is_skipped_with_a_counted_warning(tree, cache):
+    (tree / "train" / "dog" / "bad1.png").write_bytes(b"not an image")
+    (tree / "train" / "frog" / "bad2.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    with pytest.warns(UserWarning, match=r"skipped 2 unreadable image\(s\) in train/"):
+        train, val = load_cifar10(tree, cache_dir=cache)
+    assert len(train) == 18 and train.labels.tolist() == [0] * 6 + [1] * 6 + [2] * 6
+    with pytest.warns(UserWarning, match="skipped 2"):  # the cached result still reports them
+        load_cifar10(tree, cache_dir=cache)
+
+
+def test_corrupt_image_raises_naming_the_file(tree, cache):
+    (tree / "train" / "dog" / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match="bad.png"):
+        load_cifar10(tree, cache_dir=cache, on_corrupt="error")
+    with warnings.catch_warnings():  # build the cache while skipping, then ask for strictness
+        warnings.simplefilter("ignore")
+        load_cifar10(tree, cache_dir=cache)
+    with pytest.raises(DataError, match="bad.png"):
+        load_cifar10(tree, cache_dir=cache, on_corrupt="error")
+
+
+def test_bad_on_corrupt_value(tree, cache):
+    with pytest.raises(ConfigError):
+        load_cifar10(tree, cache_dir=cache, on_corrupt="ignore")
+
+
+@pytest.mark.parametrize("name", ["../evil.png", "/tmp/evil.png", "train/../../evil.png"])
+def test_archive_with_unsafe_member_is_refused(tree, cache, tmp_path, name):
+    archive = make_archive(tree, tmp_path / "evil.tar.gz")
+    with tarfile.open(archive, "r:gz") as tar:
+        members = [(m, tar.extractfile(m).read() if m.isfile() else None) for m in tar.getmembers()]
+    evil = tarfile.TarInfo(name)
+    evil.size = 4
+    with tarfile.open(archive, "w:gz") as tar:
+        for member, content in members:
+            tar.addfile(member, io.BytesIO(content) if content is not None else None)
+        tar.addfile(evil, io.BytesIO(b"evil"))
+    with pytest.raises(DataError, match="unsafe member"):
+        load_cifar10(archive, cache_dir=cache)
+    assert not (tmp_path / "evil.png").exists()
+
+
+def test_archive_without_splits(tmp_path, cache):
+    (tmp_path / "stuff").mkdir()
+    (tmp_path / "stuff" / "a.txt").write_text("x")
+    archive = tmp_path / "stuff.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "stuff", arcname="stuff")
+    with pytest.raises(DataError, match="no train/ and val/"):
+        load_cifar10(archive, cache_dir=cache)
+
+
+def test_truncated_archive(tree, cache, tmp_path):
+    archive = make_archive(tree, tmp_path / "data.tar.gz")
+    archive.write_bytes(archive.read_bytes()[:200])
+    with pytest.raises(DataError, match="cannot be read as a tar archive"):
+        load_cifar10(archive, cache_dir=cache)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ImageSet
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_stratified_split_keeps_every_class_in_both_parts():
+    labels = [0] * 10 + [1] * 20 + [2] * 30  # sorted class by class, as ImageFolder lists them
+    full = imageset(labels)
+    index = torch.arange(len(full))
+    full.images[:, 0, 0, 0] = index.to(torch.uint8)  # tag every image with its position
+    a, b = full.stratified_split(0.5, seed=3)
+    assert len(a) == 30 and len(b) == 30
+    assert a.class_counts().tolist() == [5, 10, 15] == b.class_counts().tolist()
+    tags_a, tags_b = set(a.images[:, 0, 0, 0].tolist()), set(b.images[:, 0, 0, 0].tolist())
+    assert not tags_a & tags_b and len(tags_a | tags_b) == 60
+
+    again, _ = full.stratified_split(0.5, seed=3)
+    other, _ = full.stratified_split(0.5, seed=4)
+    assert torch.equal(again.images, a.images)
+    assert not torch.equal(other.images, a.images)
+
+
+def test_stratified_split_by_count_and_sample():
+    full = imageset([0] * 7 + [1] * 7 + [2] * 7)
+    a, b = full.stratified_split(10, seed=0)
+    assert len(a) == 10 and len(b) == 11
+    assert set(a.labels.tolist()) == {0, 1, 2} == set(b.labels.tolist())
+    sample = full.stratified_sample(6, seed=1)
+    assert sample.class_counts().tolist() == [2, 2, 2]
+    assert len(full.stratified_sample(len(full))) == len(full)
+
+
+@pytest.mark.parametrize("size", [0, 21, 0.0, 1.0, -0.5, True, "half"])
+def test_stratified_split_rejects_bad_sizes(size):
+    with pytest.raises(ConfigError):
+        imageset([0] * 7 + [1] * 7 + [2] * 7).stratified_split(size)
+
+
+def test_imageset_validates_and_subsets():
+    with pytest.raises(DataError):
+        ImageSet(torch.zeros(2, 3, 4, 4), torch.zeros(2, dtype=torch.int64), ["a"])
+    with pytest.raises(DataError):
+        ImageSet(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.zeros(3, dtype=torch.int64), ["a"])
+    full = imageset([0, 1, 2, 3])
+    part = full.subset([3, 1])
+    assert part.labels.tolist() == [3, 1] and torch.equal(part.images[0], full.images[3])
+    assert len(full.subset(full.labels >= 2)) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Augmentation, normalisation, batches
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_augment_keeps_shape_and_dtype_and_changes_images(dtype):
+    batch = torch.randint(0, 256, (64, 3, 16, 16), generator=torch.Generator().manual_seed(0)).to(dtype)
+    out = augment(batch, torch.Generator().manual_seed(1))
+    assert out.shape == batch.shape and out.dtype == dtype
+    changed = (out != batch).flatten(1).any(1)
+    assert changed.sum() > 32  # 1 in 162 images gets the identity (no shift, no flip)
+    assert torch.equal(augment(batch, torch.Generator().manual_seed(1)), out)
+
+
+def test_augment_of_a_constant_image_stays_constant():
+    batch = torch.full((16, 3, 8, 8), 77, dtype=torch.uint8)
+    assert torch.equal(augment(batch, torch.Generator().manual_seed(0)), batch)
+
+
+def test_augment_is_a_reflect_padded_crop_or_its_mirror():
+    image = torch.arange(3 * 8 * 8, dtype=torch.float32).reshape(1, 3, 8, 8)
+    padded = torch.nn.functional.pad(image, (4, 4, 4, 4), mode="reflect")
+    crops = [padded[..., y:y + 8, x:x + 8] for y in range(9) for x in range(9)]
+    crops += [crop.flip(-1) for crop in crops]
+    for seed in range(20):
+        out = augment(image, torch.Generator().manual_seed(seed))
+        assert any(torch.equal(out, crop) for crop in crops)
+
+
+def test_normalize():
+    batch = torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1).expand(2, 3, 2, 2)
+    out = normalize(batch, mean=(0.5, 0.5, 0.5), std=(0.5, 0.25, 1.0))
+    assert out.dtype == torch.float32
+    assert torch.allclose(out[0, :, 0, 0], torch.tensor([-1.0, -2.0, -0.5]))
+    assert torch.allclose(out[1, :, 0, 0], torch.tensor([1.0, 2.0, 0.5]))
+
+
+def test_batches_cover_the_set_in_order_or_shuffled():
+    full = imageset([0, 1, 2, 3] * 5)
+    plain = list(batches(full, 8))
+    assert [len(y) for _, y in plain] == [8, 8, 4]
+    assert torch.equal(torch.cat([y for _, y in plain]), full.labels)
+    assert plain[0][0].dtype == torch.float32 and plain[0][0].shape == (8, 3, 8, 8)
+
+    shuffled = list(batches(full, 8, shuffle=True, generator=torch.Generator().manual_seed(0), drop_last=True))
+    assert [len(y) for _, y in shuffled] == [8, 8]
+    assert torch.cat([y for _, y in shuffled]).tolist() != full.labels[:16].tolist()
+    assert data.num_batches(full, 8) == 3 and data.num_batches(full, 8, drop_last=True) == 2
+
+    (augmented, labels), = batches(full, 20, augment=True, generator=torch.Generator().manual_seed(0))
+    (unaugmented, _), = batches(full, 20)
+    assert augmented.shape == unaugmented.shape and torch.equal(labels, full.labels)
+    assert not torch.equal(augmented, unaugmented)

@@ -1,0 +1,97 @@
+"""Model builders, the registry and strict weight loading."""
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from evoprune.errors import CheckpointError, ConfigError, ModelError
+from evoprune.models import (CIFAR10_CLASSES, MODELS, VGG16_CFG, build, load_weights, resnet18_cifar, tiny_cnn,
+                             vgg11_bn_cifar, vgg16_bn_cifar, vgg_cifar)
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+TEACHER = SHARED / "models" / "vgg16_bn_cifar10.pt"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_vgg16_bn_layout_and_size():
+    model = vgg16_bn_cifar()
+    assert count_parameters(model) == 14_724_042
+    assert len(model.features) == 44
+    assert isinstance(model.features[0], nn.Conv2d) and model.features[0].bias is None
+    assert isinstance(model.features[1], nn.BatchNorm2d) and isinstance(model.features[2], nn.ReLU)
+    assert isinstance(model.features[6], nn.MaxPool2d) and isinstance(model.features[43], nn.MaxPool2d)
+    assert model.classifier.in_features == 512
+    model.eval()
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_vgg_builders():
+    assert count_parameters(vgg_cifar(VGG16_CFG, 10)) == 14_724_042
+    assert vgg16_bn_cifar(num_classes=100).classifier.out_features == 100
+    vgg11 = vgg11_bn_cifar().eval()
+    assert sum(isinstance(m, nn.Conv2d) for m in vgg11.modules()) == 8
+    assert vgg11(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    with pytest.raises(ConfigError):
+        vgg_cifar([64, "X"], 10)
+
+
+@pytest.mark.skipif(not TEACHER.is_file(), reason=f"the shared teacher weights are not at {TEACHER}")
+def test_vgg16_bn_loads_the_shared_teacher_strictly():
+    model = vgg16_bn_cifar()
+    state = torch.load(TEACHER, map_location="cpu", weights_only=True)
+    model.load_state_dict(state, strict=True)
+    assert load_weights(vgg16_bn_cifar(), TEACHER).state_dict().keys() == state.keys()
+    assert torch.equal(model.classifier.weight, state["classifier.weight"])
+    with pytest.raises(ModelError, match="missing key"):
+        load_weights(vgg11_bn_cifar(), TEACHER)
+    with pytest.raises(ModelError, match=r"classifier.weight: shape \(10, 512\) in the file, \(100, 512\)"):
+        load_weights(vgg16_bn_cifar(num_classes=100), TEACHER)
+
+
+def test_load_weights_round_trip_and_errors(tmp_path):
+    source = tiny_cnn()
+    torch.save(source.state_dict(), tmp_path / "tiny.pt")
+    target = load_weights(tiny_cnn(), tmp_path / "tiny.pt")
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values()))
+    with pytest.raises(ModelError, match="shape"):
+        load_weights(tiny_cnn(width=8), tmp_path / "tiny.pt")
+    with pytest.raises(CheckpointError):
+        load_weights(tiny_cnn(), tmp_path / "missing.pt")
+
+
+def test_resnet18_cifar():
+    model = resnet18_cifar().eval()
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
+    assert isinstance(model.maxpool, nn.Identity)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_tiny_cnn():
+    model = tiny_cnn().eval()
+    assert count_parameters(model) < 30_000
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 4)
+    convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
+    bypassable = [c for c in convs if c.in_channels == c.out_channels]
+    assert len(bypassable) == 2
+    assert any(isinstance(m, nn.MaxPool2d) for m in model.features)
+
+
+def test_registry():
+    assert set(MODELS) == {"vgg16_bn", "vgg11_bn", "resnet18", "tiny"}
+    assert build("tiny", 3).classifier.out_features == 3
+    assert build("resnet18", 10).fc.out_features == 10
+    with pytest.raises(ConfigError, match="resnet18.*tiny.*vgg11_bn.*vgg16_bn"):
+        build("vgg19")
+    assert CIFAR10_CLASSES[0] == "airplane" and CIFAR10_CLASSES[-1] == "truck" and len(CIFAR10_CLASSES) == 10
