@@ -11,11 +11,13 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
+import time
 import traceback
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -48,7 +50,7 @@ class FitnessConfig:
     on_error: str = "raise"  # "raise" (fail fast) or "worst" (score as worst, log, continue)
     threads: int | None = None  # torch threads per SCOOP worker (default 1); None leaves serial runs alone
     device: str = "cpu"
-    extra: dict = field(default_factory=dict)
+    trace_dir: str | None = None  # if set, each process appends one line per evaluation to evals-<pid>.log there
 
     def check(self):
         if self.metric not in ("top1", "loss"):
@@ -87,7 +89,7 @@ class Evaluator:
         self.token = f"evoprune_{uuid.uuid4().hex}"
         self.config = config
         self.space = space  # small: names, sizes and the cost table
-        payload = {"model": model.cpu().eval(), "space": space, "score_x": score_x, "score_y": score_y,
+        payload = {"model": copy.deepcopy(model).cpu().eval(), "space": space, "score_x": score_x, "score_y": score_y,
                    "recal_x": list(recal_x or []), "config": config}
         _REGISTRY[self.token] = payload
         if under_scoop():
@@ -158,6 +160,7 @@ class _Worker:
             self.hits += 1
             return hit
         self.calls += 1
+        t0 = time.perf_counter()
         try:
             plan = self.space.decode(individual)
             macs, _ = self.space.cost(plan, validate=False)
@@ -179,7 +182,15 @@ class _Worker:
                                   f"{traceback.format_exc()}") from None
         result = (float(score), float(macs))
         self.cache[key] = result
+        if self.cfg.trace_dir:
+            self._trace(key, result, time.perf_counter() - t0)
         return result
+
+    def _trace(self, key, result, seconds):
+        import hashlib
+        line = f"{os.getpid()} {hashlib.sha1(key).hexdigest()[:12]} {result[0]:.6f} {result[1]:.0f} {seconds:.4f}\n"
+        with open(os.path.join(self.cfg.trace_dir, f"evals-{os.getpid()}.log"), "a") as fh:
+            fh.write(line)
 
     def _score_plan(self, plan, macs):
         mode = self.cfg.mode

@@ -132,7 +132,9 @@ def _model_row(model, example_inputs):
 
 def search(model: nn.Module, example_inputs: torch.Tensor, score_x: torch.Tensor, score_y: torch.Tensor, *,
            recal_x=None, report: Callable[[nn.Module], float] | None = None,
-           finetune: Callable[[nn.Module, int], nn.Module] | None = None, config: SearchConfig | None = None,
+           finetune: Callable[[nn.Module, int], nn.Module] | None = None,
+           on_round: Callable[[int, nn.Module, dict, PruningPlan], None] | None = None,
+           config: SearchConfig | None = None,
            fitness: FitnessConfig | None = None, space_kwargs: dict | None = None,
            checkpoint_dir: str | None = None, progress: bool = True, verbose: bool = True,
            **overrides) -> SearchResult:
@@ -142,7 +144,8 @@ def search(model: nn.Module, example_inputs: torch.Tensor, score_x: torch.Tensor
     ``recal_x``: training batches for BN re-calibration. ``report(model) -> top-1``: the accuracy reported per round
     (on a separate split). ``finetune(model, round) -> model`` runs between rounds. Settings go in ``config`` or as
     keyword overrides (``rounds=``, ``generations=``, ``population=``, ``elites=``, ``p_c=``, ``p_mut=``,
-    ``target=``, ``objective=``, ``seed=``...). With ``checkpoint_dir`` the state is saved after every generation and
+    ``target=``, ``objective=``, ``seed=``...). ``on_round(round, model, row, plan)`` is called after each round
+    (to export it, say). With ``checkpoint_dir`` the state is saved after every generation and
     an existing checkpoint there is resumed.
     """
     config = _replace(config or SearchConfig(), overrides)
@@ -154,7 +157,7 @@ def search(model: nn.Module, example_inputs: torch.Tensor, score_x: torch.Tensor
     space_kwargs = dict(space_kwargs or {})
     space_kwargs.setdefault("connections", config.connections)
     settings = {k: v for k, v in vars(config).items()}
-    settings.update({f"fitness.{k}": v for k, v in vars(fitness).items() if k not in ("threads", "extra")})
+    settings.update({f"fitness.{k}": v for k, v in vars(fitness).items() if k not in ("threads", "trace_dir")})
 
     original = model
     space0 = PruningSpace.from_model(original, example_inputs, **space_kwargs)
@@ -217,16 +220,7 @@ def search(model: nn.Module, example_inputs: torch.Tensor, score_x: torch.Tensor
             _save(checkpoint_dir, space0, settings, result, k, 0, pop, front, current, original)
         for gen in range(first_gen, config.generations + 1):
             elites = toolbox.select(pop, config.elites)
-            offspring = []
-            while len(offspring) < config.population - len(elites):
-                a, b = (toolbox.clone(x) for x in (random.sample(elites, 2) if len(elites) > 1 else elites * 2))
-                a, b = toolbox.mate(a, b)
-                for child in (a, b):
-                    if random.random() < toolbox.p_mut:
-                        toolbox.mutate(child)
-                    del child.fitness.values
-                offspring.extend((a, b))
-            pop = [toolbox.clone(e) for e in elites] + offspring[: config.population - len(elites)]
+            pop = [toolbox.clone(e) for e in elites] + vary(toolbox, elites, config.population - len(elites))
             if progress:
                 _progress(k, config.rounds, gen, config.generations, logbook[-1])
             n = _evaluate(toolbox, pop, evaluated)
@@ -257,6 +251,8 @@ def search(model: nn.Module, example_inputs: torch.Tensor, score_x: torch.Tensor
         result.pareto.append(sorted((ind.fitness.values[0], ind.fitness.values[1]) for ind in front))
         evaluator.release()
         current = pruned
+        if on_round is not None:
+            on_round(k, pruned, row, plan)
         _save(checkpoint_dir, space0, settings, result, k + 1, None, None, None, current, original)
         if verbose:
             print(f"evoprune: round {k}: {row['params'] / 1e6:.3f} M params, {row['macs'] / 1e6:.1f} MMACs "
@@ -264,6 +260,21 @@ def search(model: nn.Module, example_inputs: torch.Tensor, score_x: torch.Tensor
                   + (f", top-1 {row['top1']:.4f}" if row["top1"] is not None else ""), file=sys.stderr)
     result.model = current
     return result
+
+
+def vary(toolbox: base.Toolbox, parents: list, n: int) -> list:
+    """``n`` children: clones of two random parents, crossed with ``toolbox.mate``; each child is then mutated
+    with probability ``toolbox.p_mut`` (the paper's per-individual mutation rate). Fitnesses are invalidated."""
+    children = []
+    while len(children) < n:
+        a, b = (toolbox.clone(x) for x in (random.sample(parents, 2) if len(parents) > 1 else parents * 2))
+        a, b = toolbox.mate(a, b)
+        for child in (a, b):
+            if random.random() < toolbox.p_mut:
+                toolbox.mutate(child)
+            del child.fitness.values
+        children.extend((a, b))
+    return children[:n]
 
 
 def base_toolbox() -> base.Toolbox:

@@ -120,7 +120,7 @@ class PruningSpace:
         try:
             with torch.enable_grad():  # torch-pruning traces through autograd
                 dg = tp.DependencyGraph().build_dependency(
-                    work, example_inputs, ignored_layers=[work_modules[n] for n in ignored_names], verbose=False)
+                    work, example_inputs, verbose=False)  # ignored layers: get_all_groups only (else untraced)
         except Exception as exc:
             raise ModelError(f"torch-pruning cannot trace {type(model).__name__} on inputs of shape "
                              f"{tuple(example_inputs.shape)} ({type(exc).__name__}: {exc}). Try another input size, "

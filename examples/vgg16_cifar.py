@@ -1,0 +1,19 @@
+"""Prune the VGG16-BN CIFAR-10 network with evoprune's genetic algorithm (the paper's VGG16 experiment).
+
+    python -m scoop -n 2 examples/vgg16_cifar.py --data ../shared/data/cifar10-jpeg-trainval.tar.gz \\
+        --weights ../shared/models/vgg16_bn_cifar10.pt --out runs/vgg16
+
+Without ``python -m scoop`` it runs serially. Without ``--weights`` it trains (and caches) a baseline first.
+Writes round{k}.pt / .torchscript.pt / .json, report.md, report.json, pareto.png and logbook.csv into --out.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import exit_code, main  # noqa: E402
+
+from evoprune.models import vgg16_bn_cifar  # noqa: E402
+
+if __name__ == "__main__":
+    exit_code(main(vgg16_bn_cifar, "evoprune: VGG16-BN on CIFAR-10"))
