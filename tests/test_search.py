@@ -1,0 +1,233 @@
+"""The search: beats random plans, reports per round, validates its settings, resumes after SIGKILL, runs on SCOOP."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from deap import algorithms, base, tools
+
+from evoprune import CheckpointError, ConfigError, PruningSpace
+from evoprune import checkpoint as ckpt
+from evoprune import operators as ops
+from evoprune.data import normalize, synthetic
+from evoprune.fitness import Evaluator
+from evoprune.importance import channel_importance, ranks as to_ranks
+from evoprune.models import tiny_cnn
+from evoprune.search import search
+from evoprune.toolbox import creator_types, parallel_map, register
+from evoprune.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = ROOT / "tests" / "jobs" / "tiny_search.py"
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny CNN trained on generated, separable-but-noisy data; a search split and BN re-calibration batches."""
+    torch.set_num_threads(1)
+    data = synthetic(2000, 1000, noise=0.35, seed=0)
+    torch.manual_seed(0)
+    model = tiny_cnn(4, 16)
+    train(model, data.train, 4, val_set=data.val, batch_size=64, lr=0.05, progress=False, seed=0)
+    model.eval()
+    search_set, report_set = data.val.stratified_split(0.5, seed=0)
+    x, y = normalize(search_set.images), search_set.labels
+    recal = [normalize(data.train.images[i:i + 64]) for i in range(0, 640, 64)]
+    return model, x, y, recal, report_set
+
+
+def test_ga_beats_the_mean_of_random_plans_at_the_same_budget(trained):
+    model, x, y, recal, _ = trained
+    space = PruningSpace.from_model(model, x[:1])
+    budget = 0.15 * space.base_macs
+    evaluator = Evaluator(model, space, x, y, recal)
+    _, ind_cls = creator_types()
+    random.seed(0)
+    rng = np.random.default_rng(0)
+    random_ranks = [to_ranks({"g": rng.random(g.size)})["g"] for g in space.groups]
+    random_scores = []
+    for _ in range(20):
+        ind = ops.init_random(ind_cls, space.layout, (0.2, 1.0))
+        ops.repair(ind, space, random_ranks, macs_budget=budget)
+        assert space.cost_of(ind)[0] <= budget
+        random_scores.append(evaluator(ind)[0])
+    result = search(model, x[:1], x, y, recal_x=recal, rounds=1, generations=5, population=16, elites=4,
+                    target=0.15, seed=0, verbose=False, progress=False)
+    row = result.rows[0]
+    assert row["macs"] <= budget
+    assert row["search_score"] >= np.mean(random_scores) + 0.25, (row["search_score"], random_scores)
+    assert row["search_score"] >= max(random_scores)
+
+
+def test_search_rows_widths_front_and_logbook(trained, tmp_path):
+    model, x, y, recal, report_set = trained
+    from evoprune.train import evaluate
+    seen = []
+    result = search(model, x[:1], x, y, recal_x=recal, report=lambda m: evaluate(m, report_set), rounds=2,
+                    generations=2, population=8, elites=3, target=0.3, seed=1, verbose=False, progress=False,
+                    on_round=lambda k, m, row, plan: seen.append((k, row["macs"])))
+    assert [r["round"] for r in result.rows] == [1, 2]
+    assert [k for k, _ in seen] == [1, 2]
+    base = result.baseline
+    for r in result.rows:
+        assert {"params", "size_mb", "top1", "reduction_pct", "macs", "time_s"} <= set(r)
+        assert 0 <= r["top1"] <= 1 and r["time_s"] > 0
+        assert r["macs"] <= r["budget"] + 1e-6
+    assert base["macs"] > result.rows[0]["macs"] >= result.rows[1]["macs"]
+    assert result.rows[1]["macs"] <= 0.3 * base["macs"]
+    assert len(result.widths) == 3 and set(result.widths[0]) == set(result.widths[2])
+    assert all(result.widths[2][k] <= result.widths[0][k] for k in result.widths[0])
+    assert len(result.pareto) == 2 and all(result.pareto)
+    gens = [(rec["round"], rec["gen"]) for rec in result.logbook]
+    assert gens == [(1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)]
+    assert all({"evals", "best", "median", "best_mmacs", "hv"} <= set(rec) for rec in result.logbook)
+    assert "| round |" in result.table() and "features.0" in result.widths_table()
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(population=1), "population"), (dict(elites=31), "elites"), (dict(elites=0), "elites"),
+    (dict(rounds=0), "rounds"), (dict(generations=0), "generations"), (dict(target=0.0), "target"),
+    (dict(target=1.5), "target"), (dict(p_c=1.2), "p_c"), (dict(p_mut=-0.1), "p_mut"),
+    (dict(objective="best"), "objective"), (dict(nonsense=1), "unknown search setting"),
+])
+def test_bad_settings_are_refused_before_any_work(bad, match, monkeypatch):
+    called = []
+    monkeypatch.setattr(PruningSpace, "from_model", classmethod(lambda *a, **k: called.append(1)))
+    with pytest.raises(ConfigError, match=match):
+        search(torch.nn.Linear(2, 2), torch.zeros(1, 2), torch.zeros(4, 2), torch.zeros(4, dtype=torch.long),
+               **bad)
+    assert not called
+
+
+def test_stock_deap_eaMuPlusLambda_runs_with_the_registered_toolbox(trained):
+    model, x, y, recal, _ = trained
+    space = PruningSpace.from_model(model, x[:1])
+    evaluator = Evaluator(model, space, x[:200], y[:200], recal[:2])
+    toolbox = register(base.Toolbox(), space, evaluator, objective="nsga2", seed=0)
+    assert toolbox.map.func is map  # not launched with python -m scoop
+    pop = toolbox.population(8)
+    front = tools.ParetoFront()
+    stats = tools.Statistics(lambda ind: ind.fitness.values[0])
+    stats.register("max", np.max)
+    pop, log = algorithms.eaMuPlusLambda(pop, toolbox, mu=8, lambda_=8, cxpb=1 - toolbox.p_mut, mutpb=toolbox.p_mut,
+                                         ngen=2,
+                                         stats=stats, halloffame=front, verbose=False)
+    assert len(pop) == 8 and len(log) == 3 and len(front) >= 1
+    assert all(ind.fitness.valid and len(ind) == len(space) for ind in pop)
+    values = [ind.fitness.values for ind in front]
+    assert all(0 <= s <= 1 and 0 < m <= space.base_macs for s, m in values)
+
+
+def test_creator_types_are_created_once():
+    f1, i1 = creator_types()
+    f2, i2 = creator_types()
+    assert f1 is f2 and i1 is i2 and f1.weights == (1.0, -1.0)
+    assert issubclass(i1, list)
+    assert parallel_map() is map
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def test_checkpoint_refuses_truncated_foreign_and_mismatched_files(tmp_path):
+    state = {"fingerprint": "abc", "settings": {"rounds": 2}, "round": 1}
+    path = ckpt.save(tmp_path, state)
+    assert ckpt.load(tmp_path, fingerprint="abc", settings={"rounds": 2})["round"] == 1
+    with pytest.raises(CheckpointError, match="another model"):
+        ckpt.load(tmp_path, fingerprint="xyz", settings={"rounds": 2})
+    with pytest.raises(CheckpointError, match="rounds"):
+        ckpt.load(tmp_path, fingerprint="abc", settings={"rounds": 3})
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        ckpt.load(tmp_path, fingerprint="abc", settings={"rounds": 2})
+    torch.save({"format": ckpt.FORMAT, "evoprune_version": "0.0.1", **state}, path)
+    with pytest.raises(CheckpointError, match="0.0.1"):
+        ckpt.load(tmp_path, fingerprint="abc", settings={"rounds": 2})
+
+
+def test_rng_state_round_trips():
+    random.seed(3)
+    np.random.seed(3)
+    torch.manual_seed(3)
+    saved = ckpt.rng_state()
+    a = (random.random(), np.random.rand(), torch.rand(1).item())
+    ckpt.set_rng_state(saved)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _run(args, **kw):
+    return subprocess.run([sys.executable, *args], env=_env(), capture_output=True, text=True, timeout=600, **kw)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_gives_the_uninterrupted_result(tmp_path):
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    r = _run([str(JOB), str(ref), "--no-checkpoint", "--generations", "6"])
+    assert r.returncode == 0, r.stderr
+    killed.mkdir()
+    shutil.copy(ref / "weights.pt", killed / "weights.pt")
+    rng = random.Random(1234)
+    kills = 0
+    state_file = killed / "checkpoint" / ckpt.FILENAME
+    for attempt in range(3):
+        proc = subprocess.Popen([sys.executable, str(JOB), str(killed), "--generations", "6"], env=_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        # kill at a random point: after 1-3 more generations were checkpointed, plus a random delay
+        for _ in range(rng.randint(1, 3)):
+            before = state_file.stat().st_mtime_ns if state_file.exists() else 0
+            deadline = time.time() + 120
+            while proc.poll() is None and time.time() < deadline and \
+                    (state_file.stat().st_mtime_ns if state_file.exists() else 0) == before:
+                time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.3))
+        if proc.poll() is not None:
+            break  # finished before we could kill it
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+    assert kills >= 3, "the job finished too fast to be killed three times"
+    assert (killed / "checkpoint" / ckpt.FILENAME).exists()
+    assert not (killed / "result.json").exists()
+    r = _run([str(JOB), str(killed), "--generations", "6"])
+    assert r.returncode == 0, r.stderr
+    want = json.loads((ref / "result.json").read_text())
+    got = json.loads((killed / "result.json").read_text())
+    assert got["plans"] == want["plans"]
+    assert got["logbook"] == want["logbook"]
+    assert got["scores"] == want["scores"] and got["macs"] == want["macs"]
+
+
+@pytest.mark.slow
+def test_scoop_two_workers_evaluate_and_match_the_serial_run(tmp_path):
+    serial, par = tmp_path / "serial", tmp_path / "scoop"
+    r = _run([str(JOB), str(serial), "--no-checkpoint", "--rounds", "1", "--generations", "3"])
+    assert r.returncode == 0, r.stderr
+    par.mkdir()
+    shutil.copy(serial / "weights.pt", par / "weights.pt")
+    r = _run(["-m", "scoop", "-n", "2", str(JOB), str(par), "--no-checkpoint", "--rounds", "1",
+              "--generations", "3", "--trace"])
+    output = r.stdout + r.stderr
+    # python -m scoop exits 0 even when the script fails: check the output and the files, not just the code
+    assert r.returncode == 0 and "Traceback" not in output and "tiny_search: done" in output, output[-3000:]
+    logs = list((par / "trace").glob("evals-*.log"))
+    pids = {line.split()[0] for log in logs for line in log.read_text().splitlines()}
+    assert len(pids) >= 2, f"evaluations came from {pids}"
+    assert os.getpid() not in {int(p) for p in pids}
+    want = json.loads((serial / "result.json").read_text())
+    got = json.loads((par / "result.json").read_text())
+    assert got["plans"] == want["plans"] and got["scores"] == want["scores"]
