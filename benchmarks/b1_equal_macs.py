@@ -135,12 +135,13 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     quick = args.quick
-    args.population, args.elites, args.generations = (16, 4, 4) if quick else (30, 5, 6)
+    args.population, args.elites, args.generations = (12, 4, 3) if quick else (30, 5, 6)
     args.score_samples = 500 if quick else 1000
-    args.recal_batches = 10 if quick else 20
-    args.ft_batches = 100 if quick else 300  # 64-image batches of train: the same for every method
+    args.recal_batches = 5 if quick else 20
+    args.ft_batches = 60 if quick else 300  # 64-image batches of train: the same for every method
     args.ft_lr = 0.01
-    args.random_plans = 3 if quick else 5
+    args.random_plans = 2 if quick else 5
+    args.paper_rounds = (3, 5) if quick else (2, 3, 4, 5)
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"b1_equal_macs{'_quick' if quick else ''}.json")
 
     t_start = time.perf_counter()
@@ -170,7 +171,7 @@ def main():
             t0 = time.perf_counter()
             res = search(teacher, x, sx, sy, recal_x=recal_x, rounds=1, generations=args.generations,
                          population=args.population, elites=args.elites, target=frac, seed=args.seed,
-                         connections=connections, fitness=FitnessConfig(), verbose=False, progress=False)
+                         connections=connections, fitness=FitnessConfig(), verbose=True, progress=False)
             ga_time = time.perf_counter() - t0
             plan = PruningPlan.from_dict(res.plans[0])
             for kd in (True, False):
@@ -199,7 +200,8 @@ def main():
             agg[key + "_sd"] = statistics.pstdev(vals)
         results["rows"].append(agg)
         save()
-    for rnd, widths in PAPER_TABLE5.items():
+    for rnd in args.paper_rounds:
+        widths = PAPER_TABLE5[rnd]
         model = apply_plan(teacher, widths_plan(space_n, imp, widths), x, space=space_n)
         results["rows"].append(stages(f"paper-table5-r{rnd}", model, teacher, data, report_set, recal_x, x, args,
                                       extra={"budget": None}))
