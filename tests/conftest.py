@@ -1,0 +1,80 @@
+"""Shared test helpers. Each helper is a plain function exposed through a session-scoped fixture of the same name,
+so tests (and module-scoped fixtures) can request it without importing ``conftest``."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+
+def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm random running stats and affine parameters (in place), so that a channel masked or
+    removed in the wrong place changes the output instead of hiding behind mean 0 / var 1 / weight 1 / bias 0."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                if m.track_running_stats and m.running_mean is not None:
+                    m.running_mean.copy_(0.2 * torch.randn(n, generator=gen))
+                    m.running_var.copy_(0.5 + torch.rand(n, generator=gen))
+                if m.affine:
+                    m.weight.copy_(0.5 + torch.rand(n, generator=gen))
+                    m.bias.copy_(0.2 * torch.randn(n, generator=gen))
+    return model
+
+
+def _random_individual(space, keep: float, rng: np.random.Generator, cut: float = 0.3) -> list[int]:
+    """A valid individual of ``space``: each group keeps round(keep * size) random channels (never fewer than
+    ``space.min_keep``), and each connection unit is cut with probability ``cut``."""
+    genes: list[int] = []
+    for g in space.groups:
+        k = min(g.size, max(space.min_keep, int(round(keep * g.size))))
+        bits = np.zeros(g.size, dtype=int)
+        bits[rng.choice(g.size, size=k, replace=False)] = 1
+        genes.extend(int(b) for b in bits)
+    genes.extend(int(rng.random() >= cut) for _ in space.units)
+    return genes
+
+
+def _state_guard(model: nn.Module):
+    """Snapshot ``model``'s state_dict and module structure; the returned ``check()`` asserts they are unchanged."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    structure = [(n, type(m)) for n, m in model.named_modules()]
+
+    def check():
+        now = model.state_dict()
+        assert list(now) == list(state), "state_dict keys changed"
+        for k, v in state.items():
+            assert now[k].shape == v.shape, f"{k}: shape {tuple(v.shape)} -> {tuple(now[k].shape)}"
+            assert torch.equal(now[k], v), f"{k}: values changed"
+        assert [(n, type(m)) for n, m in model.named_modules()] == structure, "module structure changed"
+
+    return check
+
+
+@pytest.fixture(scope="session")
+def randomize_bn():
+    return _randomize_bn
+
+
+@pytest.fixture(scope="session")
+def random_individual():
+    return _random_individual
+
+
+@pytest.fixture(scope="session")
+def state_guard():
+    return _state_guard
+
+
+@pytest.fixture(scope="module")
+def torch_single_thread():
+    """Run a module's tests with one intra-op thread (restored afterwards). The networks under test are small and
+    run at batch 1-2, where a second thread gains little, while on a busy 2-core machine OpenMP threads contend so
+    badly that a forward pass gets 10-100x slower. Use it with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
