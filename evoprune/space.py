@@ -178,14 +178,23 @@ class PruningSpace:
 
     def check_genes(self, individual: Sequence[int]) -> None:
         """Raise :class:`PlanError` unless ``individual`` is a 0/1 sequence of this space's length."""
-        if len(individual) != len(self.layout):
-            raise PlanError(f"individual has {len(individual)} genes, this space needs {len(self.layout)} "
+        try:
+            n = len(individual)
+        except TypeError:
+            raise PlanError(f"an individual must be a sequence of 0/1 genes, got {type(individual).__name__}") \
+                from None
+        if n != len(self.layout):
+            raise PlanError(f"individual has {n} genes, this space needs {len(self.layout)} "
                             f"({self.layout.n_neurons} neuron + {self.layout.n_connections} connection genes)")
-        arr = np.asarray(individual)
-        if arr.dtype == object or not np.isin(arr, (0, 1)).all():
-            bad = next(i for i, v in enumerate(individual) if v not in (0, 1))
-            raise PlanError(f"gene {bad} is {individual[bad]!r}; genes must be 0 or 1")
-
+        try:
+            arr = np.asarray(individual)
+            fine = arr.ndim == 1 and arr.dtype.kind in "biuf" and bool(np.isin(arr, (0, 1)).all())
+        except Exception:  # ragged, nested or undecodable genes: find the culprit one by one
+            fine = False
+        if not fine:
+            for i, v in enumerate(individual):
+                if not isinstance(v, (bool, int, float, np.integer, np.floating, np.bool_)) or v not in (0, 1):
+                    raise PlanError(f"gene {i} is {v!r}; genes must be 0 or 1")
     def decode(self, individual: Sequence[int]) -> PruningPlan:
         """The plan an individual encodes. Raises :class:`PlanError` for a malformed individual."""
         self.check_genes(individual)

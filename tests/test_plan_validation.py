@@ -130,7 +130,8 @@ def valid_individuals(draw, min_keep=1):
 BAD_GENES = st.one_of(
     st.integers().filter(lambda v: v not in (0, 1)),
     st.floats(allow_nan=True, allow_infinity=True).filter(lambda v: v not in (0.0, 1.0)),
-    st.text(max_size=3),  # (bytes are left out: mixed with str they crash numpy, see the xfail below)
+    st.text(max_size=3),
+    st.binary(max_size=2),
     st.none(),
     st.just({}),
 )
@@ -173,10 +174,6 @@ def test_groups_emptied_below_min_keep(small, min_keep):
             sp.decode(genes)
 
 
-@pytest.mark.xfail(raises=(ValueError, TypeError), strict=False,
-                   reason="core: PruningSpace.check_genes lets np.asarray's ValueError (ragged genes) or "
-                          "UnicodeDecodeError (str and non-ASCII bytes genes), and decode's TypeError (complex "
-                          "genes) escape instead of raising PlanError")
 @pytest.mark.parametrize("bad", [[[0, 1]], [np.array([1, 0])], [1 + 0j], ["", b"\x80"]], ids=str)
 def test_nested_or_complex_genes_raise_plan_error(small, bad):
     genes = small.space.layout.ones()
