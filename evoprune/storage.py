@@ -11,6 +11,7 @@ import io
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -95,7 +96,9 @@ def load_module(path: str | os.PathLike, *, trust: bool = False) -> torch.nn.Mod
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
-        return torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch >= 2.9 marks torch.jit deprecated; TorchScript files still load
+            return torch.jit.load(str(path), map_location="cpu")
     except Exception:
         pass
     if not trust:
