@@ -77,13 +77,19 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: torch.Tens
         raise ConfigError(f"unknown export format(s) {unknown or formats}; choose from {', '.join(FORMATS)}")
     if not isinstance(example_inputs, torch.Tensor):
         raise ModelError("example_inputs must be a tensor batch, e.g. torch.randn(1, 3, 32, 32)")
-    model = model.eval()
+    was_training = model.training
+    try:
+        return _export(model.eval(), Path(path), example_inputs, formats, plan, widths, extra, atol)
+    finally:
+        model.train(was_training)
+
+
+def _export(model, path, example_inputs, formats, plan, widths, extra, atol):
     try:
         with torch.no_grad():
             reference = model(example_inputs)
     except Exception as exc:
         raise ModelError(f"the model cannot run on inputs of shape {tuple(example_inputs.shape)}: {exc}") from None
-    path = Path(path)
     stem = path.with_suffix("") if path.suffix == ".pt" else path
     written = {}
     if "pt" in formats:

@@ -198,7 +198,7 @@ def search(model: nn.Module, example_inputs: torch.Tensor, score_x: torch.Tensor
         evaluator = Evaluator(current, space, score_x, score_y, recal_x, fitness)
         macs_budget = budget if config.target_kind == "macs" else None
         params_budget = budget if config.target_kind == "params" else None
-        toolbox = register(base_toolbox(), space, evaluator, p_c=config.p_c, p_mut=config.p_mut,
+        toolbox = register(base.Toolbox(), space, evaluator, p_c=config.p_c, p_mut=config.p_mut,
                            objective=config.objective, elites=config.elites, macs_budget=macs_budget,
                            params_budget=params_budget, importance=importance, crossover=config.crossover,
                            mutation=config.mutation, init=config.init)
@@ -275,10 +275,6 @@ def vary(toolbox: base.Toolbox, parents: list, n: int) -> list:
             del child.fitness.values
         children.extend((a, b))
     return children[:n]
-
-
-def base_toolbox() -> base.Toolbox:
-    return base.Toolbox()
 
 
 def _replace(cfg, overrides):

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from .cost import Call, CostModel, Param, call_attrs, counter_kind
-from .errors import ModelError, PlanError
+from .errors import ConfigError, ModelError, PlanError
 from .genome import Layout
 from .plan import PruningPlan
 
@@ -105,10 +105,8 @@ class PruningSpace:
         if not isinstance(example_inputs, torch.Tensor):
             raise ModelError("example_inputs must be a tensor batch, e.g. torch.randn(1, 3, 32, 32)")
         if not isinstance(min_keep, int) or min_keep < 1:
-            from .errors import ConfigError
             raise ConfigError(f"min_keep must be an int >= 1, got {min_keep!r}")
         if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
-            from .errors import ConfigError
             raise ConfigError(f"round_to must be None or an int >= 1, got {round_to!r}")
         check_finite(model)
         names = {m: n for n, m in model.named_modules()}
@@ -326,7 +324,6 @@ def _forward_or_raise(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _ignored_names(model, ignored_layers, names) -> list[str]:
-    from .errors import ConfigError
     out = []
     for item in ignored_layers or ():
         if isinstance(item, type):
