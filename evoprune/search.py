@@ -161,13 +161,13 @@ def search(model: nn.Module, example_inputs: torch.Tensor, score_x: torch.Tensor
 
     original = model
     space0 = PruningSpace.from_model(original, example_inputs, **space_kwargs)
-    base = _model_row(original, example_inputs)
-    base["top1"] = report(original) if report else None
+    baseline = _model_row(original, example_inputs)
+    baseline["top1"] = report(original) if report else None
     state = ckpt.load(checkpoint_dir, fingerprint=space0.fingerprint, settings=settings) if checkpoint_dir else None
     creator_types()
     logbook = tools.Logbook()
     logbook.header = ["round", "gen", "evals", "feasible", "best", "median", "best_mmacs", "min_mmacs", "hv"]
-    result = SearchResult([], [layer_widths(original)], [], [], [], logbook, baseline=base)
+    result = SearchResult([], [layer_widths(original)], [], [], [], logbook, baseline=baseline)
     current = original
     start_round, resume_gen = 1, None
     if state is None:
@@ -189,7 +189,7 @@ def search(model: nn.Module, example_inputs: torch.Tensor, score_x: torch.Tensor
             print(f"evoprune: resumed from {checkpoint_dir} at round {start_round}, generation "
                   f"{resume_gen if resume_gen is not None else 0}", file=sys.stderr)
 
-    total = base["macs"] if config.target_kind == "macs" else base["params"]
+    total = baseline["macs"] if config.target_kind == "macs" else baseline["params"]
     for k in range(start_round, config.rounds + 1):
         t0 = time.perf_counter()
         budget = total * config.target ** (k / config.rounds)
@@ -240,8 +240,8 @@ def search(model: nn.Module, example_inputs: torch.Tensor, score_x: torch.Tensor
         row.update({
             "round": k, "budget": budget, "search_score": search_score, "top1_pruned": top1_pruned,
             "top1": report(pruned) if report else None,
-            "reduction_pct": 100.0 * (1 - row["params"] / base["params"]),
-            "macs_pct": 100.0 * row["macs"] / base["macs"], "time_s": time.perf_counter() - t0,
+            "reduction_pct": 100.0 * (1 - row["params"] / baseline["params"]),
+            "macs_pct": 100.0 * row["macs"] / baseline["macs"], "time_s": time.perf_counter() - t0,
             "evaluations": sum(r.get("evals", 0) for r in logbook if r["round"] == k),
             "cut": list(plan.cut),
         })
