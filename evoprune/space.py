@@ -13,6 +13,7 @@ small and can be shipped to SCOOP workers.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -346,7 +347,7 @@ def _is_grouped_conv(m) -> bool:
 
 def _output_producers(model, x) -> set[str]:
     """Names of the parametric modules whose output channels ARE the model output (the classifier)."""
-    producers, hooks = {}, []
+    producers = {}
     names = {m: n for n, m in model.named_modules()}
     parametric = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm,
                   nn.PReLU, nn.Embedding)
@@ -355,15 +356,8 @@ def _output_producers(model, x) -> set[str]:
         if isinstance(out, torch.Tensor) and out.grad_fn is not None:
             producers[out.grad_fn] = names[module]
 
-    for m in model.modules():
-        if isinstance(m, parametric):
-            hooks.append(m.register_forward_hook(hook))
-    try:
-        with torch.enable_grad():
-            out = model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    with forward_hooks((m for m in model.modules() if isinstance(m, parametric)), hook), torch.enable_grad():
+        out = model(x)
     found, stack, seen = set(), [out.grad_fn], set()
     while stack:
         fn = stack.pop()
@@ -425,7 +419,7 @@ def _discover_units(work, x, groups) -> list[ConnectionUnit]:
     units = []
 
     # residual units: out = f(x) + x (optionally followed by an activation), with input and output shapes equal
-    found, hooks = [], []
+    found = []
 
     def hook(module, args, out):
         inp = args[0] if args else None
@@ -433,16 +427,10 @@ def _discover_units(work, x, groups) -> list[ConnectionUnit]:
                 and inp.grad_fn is not None and _adds_identity(out.grad_fn, inp.grad_fn):
             found.append(module)
 
-    for name, m in modules.items():
-        if name and not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) and \
-                any(True for _ in m.parameters()) and list(m.children()):
-            hooks.append(m.register_forward_hook(hook))
-    try:
-        with torch.enable_grad():
-            work(x.clone().requires_grad_(False))
-    finally:
-        for h in hooks:
-            h.remove()
+    blocks = [m for name, m in modules.items() if name and list(m.children()) and any(True for _ in m.parameters())
+              and not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))]
+    with forward_hooks(blocks, hook), torch.enable_grad():
+        work(x)
     wnames = {m: n for n, m in modules.items()}
     for m in found:
         name = wnames[m]
@@ -535,27 +523,32 @@ def _cut_is_clean(unit, groups, dead_ok=None) -> bool:
 
 
 def _io_shapes(model, x):
-    shapes, hooks = {}, []
+    shapes = {}
 
     def hook(module, args, out):
         if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
             shapes.setdefault(module, (tuple(args[0].shape), tuple(out.shape)))
 
-    for m in model.modules():
-        hooks.append(m.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    with forward_hooks(model.modules(), hook), torch.no_grad():
+        model(x)
     return shapes
+
+
+@contextlib.contextmanager
+def forward_hooks(modules, hook):
+    """Register ``hook`` as a forward hook on every module for the duration of the block."""
+    handles = [m.register_forward_hook(hook) for m in modules]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # ====================================================================== cost probe
 def _record(model, x):
     """Every parameter shape and every op-counter call (module, kind, input shape, output shape)."""
-    calls, hooks = [], []
+    calls = []
     names = {m: n for n, m in model.named_modules()}
 
     def hook(module, args, out):
@@ -566,15 +559,8 @@ def _record(model, x):
         calls.append((names[module], kind, tuple(inp.shape) if isinstance(inp, torch.Tensor) else (),
                       tuple(out.shape) if isinstance(out, torch.Tensor) else (), module))
 
-    for m in model.modules():
-        if counter_kind(m) is not None:
-            hooks.append(m.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    with forward_hooks((m for m in model.modules() if counter_kind(m) is not None), hook), torch.no_grad():
+        model(x)
     params = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
     return calls, params
 
