@@ -2,7 +2,7 @@
 
 Subcommands::
 
-    evoprune demo      the built-in job on generated data: no download, about a minute on a laptop CPU
+    evoprune demo      the built-in job on generated data: no download, about 10 s on a laptop CPU
     evoprune prune     prune a built-in architecture (--arch) or any saved whole model (--model) on image data
     evoprune train     train a built-in architecture and save its state_dict
     evoprune evaluate  top-1 of a model on the val split of a data set
@@ -423,27 +423,18 @@ def prune_job(build_model: Callable, args: argparse.Namespace, *, title: str) ->
         load_weights(model, args.weights)
     else:
         model = baseline(model, data, args.out, args.baseline_epochs, opts)
-    job.run(model.eval(), data, args.out, opts, title=title)
-    _print_result_summary(Path(args.out))
+    result = job.run(model.eval(), data, args.out, opts, title=title)
+    print(_summary_lines(result.baseline, result.rows[-1], len(result.rows), Path(args.out)))
     return EXIT_OK
 
 
-def _print_result_summary(out: Path) -> None:
-    report = out / "report.json"
-    try:
-        result = json.loads(report.read_text())
-        base, last = result["baseline"], result["rows"][-1]
-    except (OSError, ValueError, KeyError, IndexError):
-        return
-    print(_summary_lines(base, last, len(result["rows"]), out))
-
-
 def _summary_lines(base: dict, last: dict, rounds: int, out: Path) -> str:
+    """Baseline vs final accuracy, MACs and params, and where the files are."""
     def top1(x):
         return "-" if x is None else f"{x:.4f}"
     macs_pct = 100.0 * last["macs"] / base["macs"]
-    rounds_glob = "round1" if rounds == 1 else f"round{{1..{rounds}}}"
     params_pct = 100.0 * last["params"] / base["params"]
+    rounds_glob = "round1" if rounds == 1 else f"round{{1..{rounds}}}"
     return "\n".join([
         f"baseline: top-1 {top1(base.get('top1'))}, {base['macs'] / 1e6:.3f} MMACs, {base['params']:,} params",
         f"final   : top-1 {top1(last.get('top1'))}, {last['macs'] / 1e6:.3f} MMACs ({macs_pct:.1f} % of baseline, "
@@ -523,12 +514,14 @@ def cmd_prune(args) -> int:
         raise ConfigError(f"--input-shape {','.join(map(str, args.input_shape))} does not match the data's images "
                           f"({','.join(map(str, shape))}); resize the data or fix --input-shape")
     _check_outputs(model, data, args.model)
-    job.run(model, data, args.out, opts, title=f"evoprune: {Path(args.model).name}")
-    _print_result_summary(Path(args.out))
+    result = job.run(model, data, args.out, opts, title=f"evoprune: {Path(args.model).name}")
+    print(_summary_lines(result.baseline, result.rows[-1], len(result.rows), Path(args.out)))
     return EXIT_OK
 
 
 def cmd_train(args) -> int:
+    import torch
+
     from .models import build
     from .storage import torch_save
     from .train import check_training_args, resolve_device, train
@@ -536,7 +529,6 @@ def cmd_train(args) -> int:
                         weight_decay=5e-4, schedule="onecycle", label_smoothing=0.1, kd_alpha=0.5,
                         kd_temperature=4.0, max_batches=None)
     resolve_device(args.device)
-    import torch
     data = load_data(args)
     torch.manual_seed(args.seed)
     model = build(args.arch, num_classes=len(data.train.classes))

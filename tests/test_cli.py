@@ -1,0 +1,331 @@
+"""The ``evoprune`` command line, run in-process through ``main([...])`` (plus one real ``python -m evoprune``):
+end to end on a tiny CNN and tiny generated data, exit codes, error lines and help texts."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from evoprune import cli
+from evoprune.cli import main
+from evoprune.data import synthetic
+from evoprune.models import load_weights, tiny_cnn
+
+REPO = Path(__file__).resolve().parents[1]
+SUBCOMMANDS = ("demo", "prune", "train", "evaluate", "export", "inspect")
+TINY_SEARCH = ["--score-samples", "20", "--population", "4", "--elites", "2", "--generations", "1", "--rounds", "1",
+               "--recal-batches", "1", "--finetune-epochs", "0.5"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and far faster than on two when other jobs share the CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EVOPRUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("EVOPRUNE_DATA", raising=False)
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture(scope="module")
+def imagefolder(tmp_path_factory) -> Path:
+    """A 16x16, 4-class ImageFolder tree of PNGs: 120 train and 60 val images."""
+    root = tmp_path_factory.mktemp("imagefolder")
+    data = synthetic(120, 60, classes=4, size=16, seed=0)
+    for split, images in (("train", data.train), ("val", data.val)):
+        for i, (img, label) in enumerate(zip(images.images, images.labels)):
+            folder = root / split / f"class{int(label)}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory) -> Path:
+    """A whole tiny CNN saved with torch.save(model): a pickle, so it needs --trust-pickle."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("models") / "tiny.pt"
+    torch.save(tiny_cnn(num_classes=4).eval(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """``evoprune demo --quick`` run once for the module: (exit code, stdout, stderr, out dir)."""
+    out = tmp_path_factory.mktemp("demo") / "run"
+    code = main(["demo", "--quick", "--out", str(out)])
+    return code, out
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+def test_demo_writes_every_report_file(demo):
+    code, out = demo
+    assert code == 0
+    for name in ("report.md", "report.json", "pareto.png", "logbook.csv", "round1.pt", "round1.torchscript.pt",
+                 "round1.json", "round2.pt", "round2.torchscript.pt", "round2.json"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    report = json.loads((out / "report.json").read_text())
+    macs = [report["baseline"]["macs"]] + [row["macs"] for row in report["rows"]]
+    assert len(macs) == 3 and all(a > b for a, b in zip(macs, macs[1:])), macs
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "logbook.csv").read_text().splitlines()[0].startswith("round,gen,evals")
+
+
+def test_demo_prints_a_summary(tmp_path, capsys):
+    code, out, err = run(capsys, "demo", "--quick", "--out", tmp_path / "demo", "--seed", "1")
+    assert code == 0
+    assert "baseline: top-1" in out and "final   : top-1" in out and "MMACs" in out and "params (-" in out
+    assert str(tmp_path / "demo") in out
+    assert (tmp_path / "demo" / "report.md").is_file()
+
+
+def test_prune_arch_tiny_on_an_imagefolder(imagefolder, tmp_path, capsys):
+    code, out, err = run(capsys, "prune", "--arch", "tiny", "--data", imagefolder, "--out", tmp_path / "run",
+                         "--baseline-epochs", "1", *TINY_SEARCH)
+    assert code == 0, err
+    for name in ("round1.pt", "round1.torchscript.pt", "round1.json", "report.json", "report.md", "logbook.csv",
+                 "baseline-TinyCNN-e1-s0.pt"):
+        assert (tmp_path / "run" / name).is_file(), name
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert len(report["rows"]) == 1 and report["rows"][0]["macs"] < report["baseline"]["macs"]
+    assert "final   : top-1" in out
+
+
+def test_prune_a_saved_whole_model_with_trust(imagefolder, saved_tiny, tmp_path, capsys):
+    code, out, err = run(capsys, "prune", "--model", saved_tiny, "--trust-pickle", "--input-shape", "3,16,16",
+                         "--data", imagefolder, "--out", tmp_path / "run", "--no-kd", *TINY_SEARCH)
+    assert code == 0, err
+    assert (tmp_path / "run" / "round1.torchscript.pt").is_file()
+    assert (tmp_path / "run" / "report.json").is_file()
+
+
+def test_train_then_evaluate(imagefolder, tmp_path, capsys):
+    weights = tmp_path / "tiny.pt"
+    code, out, err = run(capsys, "train", "--arch", "tiny", "--data", imagefolder, "--epochs", "1",
+                         "--batch-size", "32", "--out", weights)
+    assert code == 0, err
+    assert "val top-1" in out
+    load_weights(tiny_cnn(num_classes=4), weights)  # a strict, tensors-only state_dict
+    top1 = out.split("val top-1 ")[1].split()[0]
+    code, out, err = run(capsys, "evaluate", "--arch", "tiny", "--weights", weights, "--data", imagefolder)
+    assert code == 0, err
+    assert out.startswith(f"top-1 {top1} on 60 val images")
+
+
+def test_evaluate_a_torchscript_round_needs_no_trust(demo, imagefolder, capsys):
+    _, out_dir = demo
+    code, out, err = run(capsys, "evaluate", "--model", out_dir / "round1.torchscript.pt", "--data", imagefolder)
+    assert code == 0, err
+    assert out.startswith("top-1 ")
+
+
+def test_inspect_arch_lists_groups_and_units(capsys):
+    code, out, err = run(capsys, "inspect", "--arch", "tiny")
+    assert code == 0, err
+    for group in ("features.0", "features.3", "features.7", "features.10"):
+        assert group in out
+    assert "4 channel groups" in out and "connection units" in out and "base MACs" in out
+    code, out, err = run(capsys, "inspect", "--arch", "tiny", "--input-shape", "3,16,16", "--json")
+    assert code == 0, err
+    info = json.loads(out)["space"]
+    assert [g["name"] for g in info["groups"]] == ["features.0", "features.3", "features.7", "features.10"]
+    assert [g["size"] for g in info["groups"]] == [16, 16, 32, 32]
+    assert info["input_shape"] == [1, 3, 16, 16] and info["base_macs"] > 0 and info["base_params"] > 0
+    assert {u["kind"] for u in info["units"]} == {"sequential"}
+
+
+def test_inspect_a_pruned_round(demo, capsys):
+    _, out_dir = demo
+    card = json.loads((out_dir / "round2.json").read_text())
+    code, out, err = run(capsys, "inspect", "--model", out_dir / "round2.pt", "--trust-pickle", "--json")
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["input_shape"] == card["input_shape"] == [1, 3, 16, 16]  # taken from the card beside the model
+    assert {layer["name"]: layer["width"] for layer in info["layers"]} == card["layer_widths"]
+    assert info["macs"] == pytest.approx(card["macs"]) and info["params"] == card["params"]
+    assert info["bytes"] == card["bytes"] and all(layer["bytes"] > 0 for layer in info["layers"])
+    code, out, err = run(capsys, "inspect", "--model", out_dir / "round2.torchscript.pt")
+    assert code == 0, err
+    assert "features.0" in out and "torchscript" in out
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_export_a_saved_model(saved_tiny, tmp_path, capsys):
+    stem = tmp_path / "exported" / "tiny"
+    code, out, err = run(capsys, "export", "--model", saved_tiny, "--trust-pickle", "--input-shape", "3,16,16",
+                         "--out", stem)  # default formats: pt, torchscript, onnx
+    assert code == 0, err
+    scripted = Path(f"{stem}.torchscript.pt")
+    assert scripted.is_file() and Path(f"{stem}.pt").is_file()
+    card = json.loads(Path(f"{stem}.json").read_text())
+    assert card["input_shape"] == [1, 3, 16, 16] and card["model"] == "TinyCNN" and "torchscript" in card["files"]
+    if importlib.util.find_spec("onnx") is not None:
+        assert Path(f"{stem}.onnx").is_file() and card["onnx"].startswith("written")
+    x = torch.randn(2, 3, 16, 16)
+    reference = torch.load(saved_tiny, weights_only=False)
+    with torch.no_grad():
+        assert torch.allclose(torch.jit.load(str(scripted))(x), reference(x), atol=1e-5)
+    assert str(scripted) in out
+
+
+def test_export_refuses_torchscript_input(demo, tmp_path, capsys):
+    _, out_dir = demo
+    code, out, err = run(capsys, "export", "--model", out_dir / "round1.torchscript.pt", "--out", tmp_path / "x",
+                         "--formats", "torchscript")
+    assert code == 1
+    assert len(error_lines(err)) == 1 and "TorchScript" in err
+    assert not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+@pytest.mark.parametrize("argv", [
+    ["prune", "--arch", "foo", "--data", "{data}"],
+    ["prune", "--arch", "tiny", "--data", "{data}", "--p-c", "1.5"],
+    ["prune", "--arch", "tiny", "--data", "{data}", "--population", "1"],
+    ["inspect", "--arch", "tiny", "--input-shape", "x"],
+    ["export", "--model", "{model}", "--out", "{tmp}/x", "--input-shape", "3,32"],
+    ["export", "--model", "{model}", "--out", "{tmp}/x", "--formats", "pt,tflite"],
+    ["train", "--arch", "tiny", "--data", "{data}", "--epochs", "0", "--out", "{tmp}/w.pt"],
+    ["evaluate", "--arch", "tiny", "--data", "{data}"],
+    ["evaluate", "--model", "{model}", "--weights", "{model}", "--data", "{data}"],
+    ["prune", "--arch", "tiny"],
+    ["prune", "--data", "{data}"],
+    ["demo", "--threads", "0"],
+    ["frobnicate"],
+    [],
+], ids=lambda argv: " ".join(argv)[:60] or "no-arguments")
+def test_usage_errors_exit_2_with_one_error_line(argv, imagefolder, saved_tiny, tmp_path, capsys):
+    argv = [a.format(data=imagefolder, model=saved_tiny, tmp=tmp_path) for a in argv]
+    code, out, err = run(capsys, *argv)
+    assert code == 2, err
+    assert len(error_lines(err)) == 1, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", [
+    ["prune", "--arch", "tiny", "--out", "{tmp}/run"],
+    ["train", "--arch", "tiny", "--epochs", "1", "--out", "{tmp}/w.pt"],
+    ["evaluate", "--model", "{model}", "--trust-pickle"],
+])
+def test_missing_data_exits_1_with_the_accepted_forms(command, saved_tiny, tmp_path, capsys):
+    argv = [a.format(tmp=tmp_path, model=saved_tiny) for a in command] + ["--data", tmp_path / "no-such-data"]
+    code, out, err = run(capsys, *argv)
+    assert code == 1
+    assert len(error_lines(err)) == 1 and error_lines(err)[0].startswith(f"error: {tmp_path / 'no-such-data'}")
+    assert "must be one of" in err and "ImageFolder" in err and ".tar.gz" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", [
+    ["evaluate", "--model", "{model}", "--data", "{data}"],
+    ["prune", "--model", "{model}", "--data", "{data}", "--out", "{tmp}/run"],
+    ["export", "--model", "{model}", "--out", "{tmp}/x"],
+    ["inspect", "--model", "{model}"],
+])
+def test_pickled_model_without_trust_exits_1(command, imagefolder, saved_tiny, tmp_path, capsys):
+    argv = [a.format(data=imagefolder, model=saved_tiny, tmp=tmp_path) for a in command]
+    code, out, err = run(capsys, *argv)
+    assert code == 1
+    assert len(error_lines(err)) == 1 and "--trust-pickle" in err and "pickle" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "x.json").exists()
+
+
+def test_pruning_torchscript_is_refused(demo, imagefolder, tmp_path, capsys):
+    _, out_dir = demo
+    code, out, err = run(capsys, "prune", "--model", out_dir / "round1.torchscript.pt", "--data", imagefolder,
+                         "--out", tmp_path / "run")
+    assert code == 1 and "TorchScript" in error_lines(err)[0]
+
+
+def test_input_shape_must_match_the_data(imagefolder, saved_tiny, tmp_path, capsys):
+    code, out, err = run(capsys, "prune", "--model", saved_tiny, "--trust-pickle", "--input-shape", "3,32,32",
+                         "--data", imagefolder, "--out", tmp_path / "run")
+    assert code == 2 and "does not match" in error_lines(err)[0]
+
+
+def test_weights_of_another_architecture_exit_1(imagefolder, tmp_path, capsys):
+    weights = tmp_path / "wide.pt"
+    torch.save(tiny_cnn(num_classes=4, width=8).state_dict(), weights)
+    code, out, err = run(capsys, "evaluate", "--arch", "tiny", "--weights", weights, "--data", imagefolder)
+    assert code == 1 and "does not fit" in error_lines(err)[0]
+
+
+# ------------------------------------------------------------------------------------------------ help
+
+def subparsers() -> dict[str, argparse.ArgumentParser]:
+    parser = cli.build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_every_subcommand_is_there():
+    assert set(subparsers()) == set(SUBCOMMANDS)
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_help_mentions_every_flag_with_help_and_defaults(command, capsys):
+    code, out, err = run(capsys, command, "--help")
+    assert code == 0 and err == ""
+    parser = subparsers()[command]
+    formatter = cli.HelpFormatter(prog=parser.prog)
+    flags = [a for a in parser._actions if a.option_strings]
+    assert len(flags) > 2
+    for action in flags:
+        for option in action.option_strings:
+            assert option in out, f"{command} --help does not mention {option}"
+        assert action.help and action.help.strip(), f"{command} {action.option_strings[0]} has no help text"
+        if action.default not in (None, False, argparse.SUPPRESS):
+            assert "%(default)" in formatter._get_help_string(action), \
+                f"{command} {action.option_strings[0]} does not show its default"
+            assert "default" in out
+
+
+def test_top_level_help_and_version(capsys):
+    code, out, err = run(capsys, "--help")
+    assert code == 0 and all(command in out for command in SUBCOMMANDS)
+    code, out, err = run(capsys, "--version")
+    assert code == 0 and out.startswith("evoprune ")
+
+
+def test_python_dash_m_evoprune_help():
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "evoprune", "--help"], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: evoprune")
+    assert all(command in proc.stdout for command in SUBCOMMANDS)
+
+
+@pytest.mark.parametrize("trust", [[], ["--trust-pickle"]], ids=["untrusted", "trusted"])
+def test_a_state_dict_given_as_model_points_to_weights(trust, tmp_path, capsys):
+    weights = tmp_path / "weights.pt"
+    torch.save(tiny_cnn(num_classes=4).state_dict(), weights)
+    code, out, err = run(capsys, "inspect", "--model", weights, *trust)
+    assert code == 1
+    assert "state_dict" in error_lines(err)[0] and "--weights" in error_lines(err)[0]
