@@ -96,12 +96,15 @@ def _binomial(n: int, p: float) -> int:
 
 # ---------------------------------------------------------------------------------------------------- repair
 def repair(individual, space, ranks: Sequence[np.ndarray], *, macs_budget: float | None = None,
-           params_budget: float | None = None):
+           params_budget: float | None = None, fill: float | None = None):
     """Enforce ``space.min_keep`` and ``space.round_to`` in every group, then shrink the individual until it fits
     the MACs/params budget.
 
     Shrinking keeps the most important of the currently kept channels of every group, by one common factor found by
     bisection on the analytic cost. An individual that cannot fit even at ``min_keep`` is left at its smallest.
+    With ``fill`` (e.g. 0.98), an individual using less than ``fill`` of the budget grows back towards it, switching
+    on the most important removed channels of every group by one common factor: plans then compete on their shape
+    at (nearly) equal cost.
     """
     layout = space.layout
     counts = []
@@ -120,6 +123,8 @@ def repair(individual, space, ranks: Sequence[np.ndarray], *, macs_budget: float
         return (macs_budget is None or macs <= macs_budget) and (params_budget is None or params <= params_budget)
 
     if fits(counts):
+        if fill is not None:
+            _grow(individual, space, ranks, counts, active, macs_budget, params_budget, fill)
         return (individual,)
 
     def scaled(f):
@@ -138,6 +143,35 @@ def repair(individual, space, ranks: Sequence[np.ndarray], *, macs_budget: float
         sl = layout.group_slice(i)
         individual[sl] = _set_count(individual[sl], want, ranks[i])
     return (individual,)
+
+
+def _grow(individual, space, ranks, counts, active, macs_budget, params_budget, fill):
+    macs, params = space.cost_from_counts(counts, active)
+    if (macs_budget is None or macs >= fill * macs_budget) and (params_budget is None or params >= fill * params_budget):
+        return
+
+    def grown(f):
+        return [_legal_count(c + int(f * (g.size - c)), g.size, space.min_keep, space.round_to, up=False)
+                for c, g in zip(counts, space.groups)]
+
+    def fits(cs):
+        m, p = space.cost_from_counts(cs, active)
+        return (macs_budget is None or m <= macs_budget) and (params_budget is None or p <= params_budget)
+
+    lo, hi = 0.0, 1.0
+    if fits(grown(hi)):
+        lo = hi
+    else:
+        for _ in range(20):
+            mid = (lo + hi) / 2
+            if fits(grown(mid)):
+                lo = mid
+            else:
+                hi = mid
+    for i, want in enumerate(grown(lo)):
+        if want > counts[i]:
+            sl = space.layout.group_slice(i)
+            individual[sl] = _set_count(individual[sl], want, ranks[i])
 
 
 def _legal_count(count: int, size: int, min_keep: int, round_to: int | None, up: bool = True) -> int:

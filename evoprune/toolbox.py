@@ -47,14 +47,14 @@ def parallel_map() -> Callable:
     return map
 
 
-def _with_repair(space, ranks, macs_budget, params_budget):
+def _with_repair(space, ranks, macs_budget, params_budget, fill):
     """A DEAP decorator: repair every individual an operator returns."""
     def decorator(op):
         @functools.wraps(op)
         def wrapper(*args, **kwargs):
             out = op(*args, **kwargs)
             for ind in out:
-                ops.repair(ind, space, ranks, macs_budget=macs_budget, params_budget=params_budget)
+                ops.repair(ind, space, ranks, macs_budget=macs_budget, params_budget=params_budget, fill=fill)
             return out
         return wrapper
     return decorator
@@ -64,7 +64,8 @@ def register(toolbox: base.Toolbox, space: PruningSpace, evaluate: Callable, *, 
              p_mut: float = 0.6, objective: str = "nsga2", elites: int = 5, macs_budget: float | None = None,
              params_budget: float | None = None, importance: dict | None = None, crossover: str = "paper",
              mutation: str = "guided", indpb: float | None = None, conn_indpb: float | None = None,
-             init: str = "importance", keep_range=(0.2, 1.0), seed: int | None = None) -> base.Toolbox:
+             init: str = "importance", keep_range=(0.2, 1.0), fill: float | None = 0.98,
+             seed: int | None = None) -> base.Toolbox:
     """Register evoprune's chromosome types and operators on ``toolbox`` and return it.
 
     ``objective``: ``"nsga2"`` (Pareto over score and MACs, ``tools.selNSGA2``), ``"topk"`` (truncation, the paper's
@@ -73,7 +74,9 @@ def register(toolbox: base.Toolbox, space: PruningSpace, evaluate: Callable, *, 
     the paper's operator; ``p_mut`` is the per-individual mutation probability, exposed as ``toolbox.p_mut`` for
     your loop (pass it as ``mutpb`` to stock DEAP algorithms). ``importance``: ``{group: scores}`` from
     :func:`evoprune.importance.channel_importance`; without it the guided operators fall back to random ranks.
-    ``seed`` seeds Python's ``random`` (DEAP's source of randomness) and numpy.
+    ``fill``: in budget mode, offspring under ``fill`` of the budget grow back towards it (None turns it off), so
+    the search compares plan shapes at nearly equal MACs. ``seed`` seeds Python's ``random`` (DEAP's source of
+    randomness) and numpy.
     """
     p_c = ops.check_probability("p_c", p_c)
     p_mut = ops.check_probability("p_mut", p_mut)
@@ -120,11 +123,12 @@ def register(toolbox: base.Toolbox, space: PruningSpace, evaluate: Callable, *, 
         toolbox.register("mutate", ops.mut_guided, layout=layout, ranks=ranks, indpb=indpb, conn_indpb=conn_indpb)
     else:
         toolbox.register("mutate", ops.mut_bitflip, indpb=indpb)
-    repair = _with_repair(space, ranks, macs_budget, params_budget)
+    fill = fill if objective == "budget" else None
+    repair = _with_repair(space, ranks, macs_budget, params_budget, fill)
     toolbox.decorate("mate", repair)
     toolbox.decorate("mutate", repair)
     toolbox.register("repair", ops.repair, space=space, ranks=ranks, macs_budget=macs_budget,
-                     params_budget=params_budget)
+                     params_budget=params_budget, fill=fill)
     if objective == "nsga2":
         toolbox.register("select", ops.sel_nsga2)
     elif objective == "topk":

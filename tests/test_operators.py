@@ -188,3 +188,19 @@ def test_topk_is_truncation_by_score_then_macs():
 def test_probabilities_are_checked(bad):
     with pytest.raises(ConfigError, match="p_c"):
         ops.check_probability("p_c", bad)
+
+
+def test_repair_with_fill_grows_small_plans_back_to_the_budget(setup):
+    model, x, space, ranks = setup
+    budget = 0.6 * space.base_macs
+    ind = space.layout.ones()
+    for i, g in enumerate(space.groups):  # start far below the budget: 3 channels per group
+        sl = space.layout.group_slice(i)
+        ind[sl] = [1, 1, 1] + [0] * (g.size - 3)
+    before = list(ind)
+    (grown,) = ops.repair(list(ind), space, ranks, macs_budget=budget, fill=0.98)
+    macs = space.cost_of(grown)[0]
+    assert 0.9 * budget <= macs <= budget
+    assert all(b <= a for b, a in zip(before, grown))  # only switches channels on
+    (untouched,) = ops.repair(list(ind), space, ranks, macs_budget=budget)
+    assert untouched == before
