@@ -396,7 +396,7 @@ def baseline(model, data, out_dir, epochs: int, opts, *, progress: bool = True):
     from .models import load_weights
     from .storage import torch_save
     from .train import train
-    cached = Path(out_dir) / f"baseline-{type(model).__name__}-e{epochs}-s{opts.seed}.pt"
+    cached = Path(out_dir) / f"baseline-{type(model).__name__}-e{epochs}-s{opts.seed}-{data.train.fingerprint()}.pt"
     if cached.exists():
         load_weights(model, cached)
         print(f"evoprune: baseline loaded from {cached}", file=sys.stderr)

@@ -80,6 +80,14 @@ class ImageSet:
             index = index.long()
         return ImageSet(self.images[index], self.labels[index], self.classes)
 
+    def fingerprint(self) -> str:
+        """A short digest of the labels and a sample of the pixels: which data a cached result came from."""
+        import hashlib
+        h = hashlib.sha1(self.labels.numpy().tobytes())
+        h.update(self.images.reshape(-1)[:: 997].numpy().tobytes())
+        h.update(str(tuple(self.images.shape)).encode())
+        return h.hexdigest()[:10]
+
     def class_counts(self) -> torch.Tensor:
         """Number of images of each class, indexed like :attr:`classes`."""
         return torch.bincount(self.labels, minlength=len(self.classes))

@@ -77,6 +77,9 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: torch.Tens
         raise ConfigError(f"unknown export format(s) {unknown or formats}; choose from {', '.join(FORMATS)}")
     if not isinstance(example_inputs, torch.Tensor):
         raise ModelError("example_inputs must be a tensor batch, e.g. torch.randn(1, 3, 32, 32)")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ModelError("export takes an nn.Module; this is already TorchScript (deploy it as is, or export the "
+                         "full-module .pt it came from)")
     was_training = model.training
     try:
         return _export(model.eval(), Path(path), example_inputs, formats, plan, widths, extra, atol)
