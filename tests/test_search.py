@@ -231,3 +231,23 @@ def test_scoop_two_workers_evaluate_and_match_the_serial_run(tmp_path):
     want = json.loads((serial / "result.json").read_text())
     got = json.loads((par / "result.json").read_text())
     assert got["plans"] == want["plans"] and got["scores"] == want["scores"]
+
+
+@pytest.mark.slow
+def test_a_worker_failure_under_scoop_names_the_plan_and_keeps_the_checkpoint(tmp_path):
+    ok = tmp_path / "ok"
+    r = _run([str(JOB), str(ok), "--rounds", "1", "--generations", "1"])
+    assert r.returncode == 0, r.stderr
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(ok / "weights.pt", bad / "weights.pt")
+    env = _env()
+    env["TINY_SEARCH_FAIL_AFTER"] = "10"  # generation 0 has 10 evaluations: the failure comes in a later one
+    r = subprocess.run([sys.executable, "-m", "scoop", "-n", "2", str(JOB), str(bad), "--rounds", "1",
+                        "--generations", "3"], env=env, capture_output=True, text=True, timeout=600)
+    output = r.stdout + r.stderr
+    assert "EvaluationError" in output and "fitness failed for plan [features.0=" in output, output[-3000:]
+    assert "injected failure" in output
+    assert "tiny_search: done" not in output and not (bad / "result.json").exists()
+    state = torch.load(bad / "checkpoint" / ckpt.FILENAME, weights_only=True)  # the last checkpoint is intact
+    assert state["round"] == 1 and state["generation"] >= 0 and len(state["population"]) == 10

@@ -7,6 +7,7 @@ Trains (once, cached in OUT_DIR/weights.pt) a tiny CNN on generated data, runs a
 in OUT_DIR/checkpoint and writes OUT_DIR/result.json (plans, logbook, rows) atomically.
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +19,18 @@ from evoprune.models import tiny_cnn
 from evoprune.search import search
 from evoprune.storage import load_state_dict, torch_save, write_json
 from evoprune.train import train
+
+if os.environ.get("TINY_SEARCH_FAIL_AFTER"):  # a test hook: in every process (SCOOP workers too), fitness calls
+    from evoprune import fitness                # fail once that process has made more than N of them
+
+    _score_plan, _calls = fitness._Worker._score_plan, [0]
+
+    def _fail_late(self, plan, macs):
+        _calls[0] += 1
+        if _calls[0] > int(os.environ["TINY_SEARCH_FAIL_AFTER"]):
+            raise RuntimeError("injected failure")
+        return _score_plan(self, plan, macs)
+    fitness._Worker._score_plan = _fail_late
 
 
 def main():
