@@ -100,7 +100,7 @@ def random_plan_model(teacher, space, x, target_macs, seed):
     rng = np.random.default_rng(seed)
     ranks = [to_ranks({"g": rng.random(g.size)})["g"] for g in space.groups]
     ind = ops.init_random(ind_cls, space.layout, (0.2, 1.0), conn_keep=1.0)
-    ops.repair(ind, space, ranks, macs_budget=target_macs)
+    ops.repair(ind, space, ranks, macs_budget=target_macs, fill=0.99)  # random channels, MACs matched
     return apply_plan(teacher, space.decode(ind), x, space=space)
 
 
@@ -132,7 +132,10 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None)
+    p.add_argument("--methods", default="ga-neuron,ga-conn,tp-uniform,tp-global,random,paper-table5",
+                   help="comma-separated subset; rows of other methods already in --out are kept")
     args = p.parse_args()
+    methods = set(args.methods.split(","))
     torch.set_num_threads(args.threads)
     quick = args.quick
     args.population, args.elites, args.generations = (12, 4, 3) if quick else (30, 5, 6)
@@ -156,6 +159,9 @@ def main():
     base_macs, base_params = macs_of(teacher, x)
     results = {"settings": {k: v for k, v in vars(args).items()}, "teacher": {
         "macs": base_macs, "params": base_params, "top1_report": evaluate(teacher, report_set)}, "rows": []}
+    if out.exists() and methods != set(p.get_default("methods").split(",")):  # rerun a subset: keep the others
+        kept = json.loads(out.read_text())["rows"]
+        results["rows"] = [r for r in kept if r["method"].split("#")[0].rsplit("-r", 1)[0] not in methods]
     log(f"teacher: {base_macs / 1e6:.1f} MMACs, top-1 on val-report {results['teacher']['top1_report']:.4f}")
     space_n = PruningSpace.from_model(teacher, x, connections=False)
     imp = channel_importance(teacher, space_n, x, "l1")
@@ -168,6 +174,8 @@ def main():
         target = frac * base_macs
         log(f"=== budget {frac:.0%} of MACs: {target / 1e6:.1f} M")
         for method, connections in (("ga-neuron", False), ("ga-conn", True)):
+            if method not in methods:
+                continue
             t0 = time.perf_counter()
             res = search(teacher, x, sx, sy, recal_x=recal_x, rounds=1, generations=args.generations,
                          population=args.population, elites=args.elites, target=frac, seed=args.seed,
@@ -183,11 +191,15 @@ def main():
                                                      "cut": res.rows[0]["cut"]}))
                 save()
         for method, glob in (("tp-uniform", False), ("tp-global", True)):
+            if method not in methods:
+                continue
             t0 = time.perf_counter()
             model = tp_prune(teacher, x, target, glob)
             results["rows"].append(stages(method, model, teacher, data, report_set, recal_x, x, args,
                                           extra={"budget": frac, "search_time_s": time.perf_counter() - t0}))
             save()
+        if "random" not in methods:
+            continue
         rand_rows = []
         for s in range(args.random_plans):
             model = random_plan_model(teacher, space_n, x, target, seed=100 + s)
@@ -200,7 +212,7 @@ def main():
             agg[key + "_sd"] = statistics.pstdev(vals)
         results["rows"].append(agg)
         save()
-    for rnd in args.paper_rounds:
+    for rnd in (args.paper_rounds if "paper-table5" in methods else ()):
         widths = PAPER_TABLE5[rnd]
         model = apply_plan(teacher, widths_plan(space_n, imp, widths), x, space=space_n)
         results["rows"].append(stages(f"paper-table5-r{rnd}", model, teacher, data, report_set, recal_x, x, args,
