@@ -132,6 +132,8 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None)
+    p.add_argument("--metric", choices=("top1", "loss"), default="top1", help="GA fitness metric")
+    p.add_argument("--recal-batches", type=int, default=None, help="BN re-calibration batches (64 images)")
     p.add_argument("--methods", default="ga-neuron,ga-conn,tp-uniform,tp-global,random,paper-table5",
                    help="comma-separated subset; rows of other methods already in --out are kept")
     args = p.parse_args()
@@ -140,7 +142,7 @@ def main():
     quick = args.quick
     args.population, args.elites, args.generations = (12, 4, 3) if quick else (30, 5, 6)
     args.score_samples = 500 if quick else 1000
-    args.recal_batches = 5 if quick else 20
+    args.recal_batches = args.recal_batches or (5 if quick else 20)
     args.ft_batches = 60 if quick else 300  # 64-image batches of train: the same for every method
     args.ft_lr = 0.01
     args.random_plans = 2 if quick else 5
@@ -179,7 +181,8 @@ def main():
             t0 = time.perf_counter()
             res = search(teacher, x, sx, sy, recal_x=recal_x, rounds=1, generations=args.generations,
                          population=args.population, elites=args.elites, target=frac, seed=args.seed,
-                         connections=connections, fitness=FitnessConfig(), verbose=True, progress=False)
+                         connections=connections, fitness=FitnessConfig(metric=args.metric), verbose=True,
+                         progress=False)
             ga_time = time.perf_counter() - t0
             plan = PruningPlan.from_dict(res.plans[0])
             for kd in (True, False):

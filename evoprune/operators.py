@@ -200,15 +200,33 @@ def _set_count(genes: list, want: int, rank: np.ndarray) -> list:
 
 
 # ---------------------------------------------------------------------------------------------------- initialisation
-def init_importance(icls, layout: Layout, ranks: Sequence[np.ndarray], keep_range=(0.2, 1.0), noise: float = 0.02):
-    """An individual that keeps the top ``r`` of every group by importance, ``r`` drawn from ``keep_range``, with
-    a few genes flipped (``noise``); all connections active. Called N times it seeds a spread of keep ratios."""
+def init_importance(icls, layout: Layout, ranks: Sequence[np.ndarray], keep_range=(0.2, 1.0), noise: float = 0.02,
+                    spread: float = 0.0, scores: Sequence[np.ndarray] | None = None, p_global: float = 0.0):
+    """An individual seeded from importance; all connections active. Called N times it seeds a spread of keep
+    ratios and of layer-width allocations:
+
+    * a keep ratio ``r`` is drawn from ``keep_range``;
+    * with probability ``p_global`` (needs raw ``scores``), channels are ranked ACROSS groups (each score divided by
+      its group's mean, as torch-pruning's global pruning does) and the top ``r`` of all channels are kept;
+    * otherwise each group keeps its top ``r * exp(N(0, spread))`` channels (``spread=0``: uniform widths);
+    * finally each gene flips with probability ``noise``.
+    """
     lo, hi = keep_range
     r = random.uniform(lo, hi)
     genes = []
-    for rank in ranks:
-        n = max(1, round(r * len(rank)))
-        genes.extend(int(x) for x in (rank >= np.sort(rank)[len(rank) - n]))
+    if scores is not None and random.random() < p_global:
+        normed = [np.asarray(s, dtype=float) / max(float(np.mean(s)), 1e-12) for s in scores]
+        threshold = np.quantile(np.concatenate(normed), 1.0 - r)
+        for s, rank in zip(normed, ranks):
+            keep = s >= threshold
+            if not keep.any():
+                keep = rank >= rank.max()  # never empty a group: keep its most important channel
+            genes.extend(int(x) for x in keep)
+    else:
+        for rank in ranks:
+            ratio = min(1.0, r * math.exp(random.gauss(0.0, spread))) if spread else r
+            n = max(1, round(ratio * len(rank)))
+            genes.extend(int(x) for x in (rank >= np.sort(rank)[len(rank) - n]))
     genes.extend([1] * layout.n_connections)
     ind = icls(genes)
     if noise:

@@ -64,7 +64,8 @@ def register(toolbox: base.Toolbox, space: PruningSpace, evaluate: Callable, *, 
              p_mut: float = 0.6, objective: str = "nsga2", elites: int = 5, macs_budget: float | None = None,
              params_budget: float | None = None, importance: dict | None = None, crossover: str = "paper",
              mutation: str = "guided", indpb: float | None = None, conn_indpb: float | None = None,
-             init: str = "importance", keep_range=(0.2, 1.0), fill: float | None = 0.98,
+             init: str = "importance", keep_range=(0.2, 1.0), init_spread: float = 0.3, init_global: float = 0.25,
+             fill: float | None = 0.98,
              seed: int | None = None) -> base.Toolbox:
     """Register evoprune's chromosome types and operators on ``toolbox`` and return it.
 
@@ -74,6 +75,9 @@ def register(toolbox: base.Toolbox, space: PruningSpace, evaluate: Callable, *, 
     the paper's operator; ``p_mut`` is the per-individual mutation probability, exposed as ``toolbox.p_mut`` for
     your loop (pass it as ``mutpb`` to stock DEAP algorithms). ``importance``: ``{group: scores}`` from
     :func:`evoprune.importance.channel_importance`; without it the guided operators fall back to random ranks.
+    ``init="importance"`` seeds individuals from importance at a spread of keep ratios, with per-group widths
+    jittered by ``init_spread`` (log-normal) and a share ``init_global`` ranked across groups (torch-pruning's
+    global allocation), so that the first generation already holds different layer-width allocations.
     ``fill``: in budget mode, offspring under ``fill`` of the budget grow back towards it (None turns it off), so
     the search compares plan shapes at nearly equal MACs. ``seed`` seeds Python's ``random`` (DEAP's source of
     randomness) and numpy.
@@ -111,7 +115,9 @@ def register(toolbox: base.Toolbox, space: PruningSpace, evaluate: Callable, *, 
     ops.check_probability("conn_indpb", conn_indpb)
 
     if init == "importance":
-        toolbox.register("individual", ops.init_importance, individual_cls, layout, ranks, keep_range)
+        toolbox.register("individual", ops.init_importance, individual_cls, layout, ranks, keep_range,
+                         spread=init_spread, scores=[np.asarray(importance[g.name]) for g in space.groups],
+                         p_global=init_global)
     else:
         toolbox.register("individual", ops.init_random, individual_cls, layout, keep_range)
     toolbox.register("population", tools.initRepeat, list, toolbox.individual)

@@ -204,3 +204,24 @@ def test_repair_with_fill_grows_small_plans_back_to_the_budget(setup):
     assert all(b <= a for b, a in zip(before, grown))  # only switches channels on
     (untouched,) = ops.repair(list(ind), space, ranks, macs_budget=budget)
     assert untouched == before
+
+
+def test_importance_init_spreads_layer_allocations_and_can_rank_globally(setup):
+    model, x, space, ranks = setup
+    _, ind_cls = creator_types()
+    scores = [np.linspace(1, 2, g.size) * (10.0 if i == 0 else 1.0) for i, g in enumerate(space.groups)]
+    random.seed(1)
+    ratios = []
+    for _ in range(40):
+        ind = ops.init_importance(ind_cls, space.layout, ranks, (0.5, 0.5), noise=0.0, spread=0.4)
+        counts = space.layout.kept_counts(ind)
+        ratios.append([c / g.size for c, g in zip(counts, space.groups)])
+    ratios = np.array(ratios)
+    assert ratios.std(axis=1).mean() > 0.05  # groups get different widths within one individual
+    random.seed(2)
+    glob = ops.init_importance(ind_cls, space.layout, ranks, (0.5, 0.5), noise=0.0, scores=scores, p_global=1.0)
+    counts = space.layout.kept_counts(glob)
+    assert all(c >= 1 for c in counts)
+    # per-group normalisation: the x10 scale of group 0 does not make it keep everything
+    assert counts[0] < space.groups[0].size
+    assert abs(sum(counts) / space.layout.n_neurons - 0.5) < 0.1
