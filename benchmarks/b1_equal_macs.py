@@ -134,6 +134,8 @@ def main():
     p.add_argument("--out", default=None)
     p.add_argument("--metric", choices=("top1", "loss"), default="top1", help="GA fitness metric")
     p.add_argument("--recal-batches", type=int, default=None, help="BN re-calibration batches (64 images)")
+    p.add_argument("--fitness-steps", type=int, default=0,
+                   help="short KD fine-tune steps inside each fitness call (FitnessConfig.finetune_steps)")
     p.add_argument("--methods", default="ga-neuron,ga-conn,tp-uniform,tp-global,random,paper-table5",
                    help="comma-separated subset; rows of other methods already in --out are kept")
     args = p.parse_args()
@@ -181,8 +183,8 @@ def main():
             t0 = time.perf_counter()
             res = search(teacher, x, sx, sy, recal_x=recal_x, rounds=1, generations=args.generations,
                          population=args.population, elites=args.elites, target=frac, seed=args.seed,
-                         connections=connections, fitness=FitnessConfig(metric=args.metric), verbose=True,
-                         progress=False)
+                         connections=connections, verbose=True, progress=False,
+                         fitness=FitnessConfig(metric=args.metric, finetune_steps=args.fitness_steps))
             ga_time = time.perf_counter() - t0
             plan = PruningPlan.from_dict(res.plans[0])
             for kd in (True, False):

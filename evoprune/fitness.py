@@ -50,6 +50,8 @@ class FitnessConfig:
     on_error: str = "raise"  # "raise" (fail fast) or "worst" (score as worst, log, continue)
     threads: int | None = None  # torch threads per SCOOP worker (default 1); None leaves serial runs alone
     device: str = "cpu"
+    finetune_steps: int = 0  # >0: distil the unpruned model into each plan for this many steps before scoring
+    finetune_lr: float = 0.01
     trace_dir: str | None = None  # if set, each process appends one line per evaluation to evals-<pid>.log there
 
     def check(self):
@@ -61,6 +63,10 @@ class FitnessConfig:
             raise ConfigError(f"on_error must be 'raise' or 'worst', got {self.on_error!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"batch_size must be a positive int, got {self.batch_size!r}")
+        if not isinstance(self.finetune_steps, int) or self.finetune_steps < 0:
+            raise ConfigError(f"finetune_steps must be an int >= 0, got {self.finetune_steps!r}")
+        if self.finetune_steps and not self.bn_recalibration:
+            raise ConfigError("finetune_steps needs bn_recalibration (its batches are the fine-tuning data)")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError("device 'cuda' was asked for, but torch sees no CUDA device; use --device cpu")
 
@@ -144,6 +150,7 @@ class _Worker:
         self.x = payload["score_x"].to(self.device)
         self.y = payload["score_y"].to(self.device)
         self.recal = [b.to(self.device) for b in payload["recal_x"]]
+        self.targets = None  # the unpruned model's soft targets on the recal batches, for finetune_steps
         self.example = self.x[:1]
         self.cache: dict[bytes, tuple[float, float]] = {}
         self.calls = 0
@@ -196,10 +203,14 @@ class _Worker:
         mode = self.cfg.mode
         if mode == "auto":
             mode = "physical" if macs < self.cfg.physical_below * self.space.base_macs else "masked"
-        if mode == "physical":
+        if mode == "physical" or self.cfg.finetune_steps:
             net = apply_plan(self.model, plan, self.example, space=self.space).eval()
             if self.cfg.bn_recalibration:
                 recalibrate_bn(net, self.recal)
+            if self.cfg.finetune_steps:
+                self._distil(net)
+                if self.cfg.bn_recalibration:
+                    recalibrate_bn(net, self.recal)
             return self.score(net)
         with masked(self.model, plan, self.space) as net:
             if self.cfg.bn_recalibration:
@@ -207,6 +218,24 @@ class _Worker:
                     recalibrate_bn(net, self.recal)
                     return self.score(net)
             return self.score(net)
+
+    def _distil(self, net):
+        """A few SGD steps distilling the unpruned model into ``net`` on the re-calibration batches: a short-term
+        fine-tune that rates how well a plan recovers, not only what it keeps."""
+        if self.targets is None:
+            with torch.no_grad():
+                self.targets = [torch.softmax(self.model(b) / 4.0, dim=1) for b in self.recal]
+        opt = torch.optim.SGD(net.parameters(), lr=self.cfg.finetune_lr, momentum=0.9, nesterov=True,
+                              weight_decay=5e-4)
+        net.train()
+        for step in range(self.cfg.finetune_steps):
+            k = step % len(self.recal)
+            logp = torch.log_softmax(net(self.recal[k]) / 4.0, dim=1)
+            loss = nn.functional.kl_div(logp, self.targets[k], reduction="batchmean") * 16.0
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        net.eval()
 
     def score(self, net) -> tuple[float, float]:
         correct, loss_sum = 0, 0.0

@@ -174,3 +174,15 @@ def test_recalibrate_bn_leaves_dropout_in_eval_mode():
         want = net[0](batch).mean(dim=(0, 2, 3))
     assert torch.allclose(net[1].running_mean, want, atol=1e-5)  # the batch's statistics, not a momentum blend
     assert net[1].momentum == 0.1
+
+
+def test_short_distillation_steps_raise_the_score_of_a_heavily_pruned_plan(setup, state_guard):
+    model, space, imp, x, y, recal = setup
+    check = state_guard(model)
+    ind = uniform(space, imp, 0.2)
+    quick = Evaluator(model, space, x, y, recal)(ind)[0]
+    tuned = Evaluator(model, space, x, y, recal, FitnessConfig(finetune_steps=30, finetune_lr=0.02))(ind)[0]
+    assert tuned > quick
+    check()  # the fine-tuning happened on a pruned copy
+    with pytest.raises(ConfigError, match="finetune_steps"):
+        FitnessConfig(finetune_steps=-1).check()
