@@ -26,9 +26,11 @@ def b1(res):
              "on val-report.", "",
              "| budget | method | KD | MMACs (% of teacher) | params (M) | top-1 pruned | + BN recal | + fine-tune | "
              "search (s) |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in res["rows"]:
-        if r["method"].startswith("random#"):
-            continue
+    order = ["ga-neuron", "ga-conn", "tp-uniform", "tp-global", "random"]
+    rows = sorted((r for r in res["rows"] if not r["method"].startswith("random#")),
+                  key=lambda r: (-(r.get("budget") or 0), order.index(r["method"]) if r["method"] in order else 9,
+                                 r["method"], not r.get("kd", True)))
+    for r in rows:
         budget = "-" if r.get("budget") is None else f"{100 * r['budget']:.0f} %"
         sd = lambda k: f" ± {100 * r[k + '_sd']:.2f}" if k + "_sd" in r else ""  # noqa: E731
         lines.append(
