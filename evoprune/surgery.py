@@ -51,7 +51,7 @@ def apply_plan(model: nn.Module, plan: PruningPlan, example_inputs: torch.Tensor
     if not isinstance(plan, PruningPlan):
         raise PlanError(f"apply_plan expects a PruningPlan, got {type(plan).__name__}")
     space = _space_for(model, plan, example_inputs, space)
-    pruned = copy.deepcopy(model)
+    pruned = _structure_copy(model)
     was_training = pruned.training
     alive = space.alive(plan)
     for unit in space.cut_units(plan):
@@ -73,8 +73,32 @@ def apply_plan(model: nn.Module, plan: PruningPlan, example_inputs: torch.Tensor
         pruner = dg.get_pruner_of_module(root)
         group = dg.get_pruning_group(root, pruner.prune_out_channels, removed)
         group.prune()
+    _own_tensors(pruned, model)
     pruned.train(was_training)
     return pruned
+
+
+def _tensors(model: nn.Module):
+    return list(model.parameters()) + list(model.buffers())
+
+
+def _structure_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of the modules that still SHARES the parameter and buffer tensors. torch-pruning replaces every
+    tensor it prunes with a new one (index_select), so copying them all first would be wasted: most are about to
+    be thrown away. :func:`_own_tensors` then clones the ones pruning left shared."""
+    return copy.deepcopy(model, memo={id(t): t for t in _tensors(model)})
+
+
+def _own_tensors(pruned: nn.Module, original: nn.Module) -> None:
+    """Replace every tensor of ``pruned`` that still shares memory with ``original`` by a copy."""
+    shared = {t.untyped_storage().data_ptr() for t in _tensors(original) if t.numel()}
+    for module in pruned.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.numel() and p.untyped_storage().data_ptr() in shared:
+                module._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+        for name, b in list(module._buffers.items()):
+            if b is not None and b.numel() and b.untyped_storage().data_ptr() in shared:
+                module._buffers[name] = b.clone()
 
 
 @contextlib.contextmanager

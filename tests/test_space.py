@@ -434,3 +434,17 @@ def test_ignored_layer_channels_stay_out_of_the_space(resnet, how, random_indivi
     # the ignored group's name is now unknown to the space
     with pytest.raises(PlanError, match="unknown group 'layer1.0.conv1'"):
         sp.validate(PruningPlan(groups={"layer1.0.conv1": (0, 1)}))
+
+
+def test_the_pruned_model_shares_no_memory_with_the_input(vgg, random_individual, state_guard):
+    b = vgg
+    check = state_guard(b.model)
+    genes = _individual(b.space, 0.99, random_individual, seed=2)  # most tensors untouched by pruning
+    pruned = apply_plan(b.model, b.space.decode(genes), b.x, space=b.space)
+    original = {t.untyped_storage().data_ptr() for t in list(b.model.parameters()) + list(b.model.buffers())}
+    assert not [n for n, t in list(pruned.named_parameters()) + list(pruned.named_buffers())
+                if t.untyped_storage().data_ptr() in original]
+    with torch.no_grad():
+        for t in list(pruned.parameters()) + list(pruned.buffers()):
+            t.zero_()  # scribbling on the copy...
+    check()  # ...leaves the input model as it was
