@@ -197,6 +197,29 @@ def scoop_speedup():
     return out
 
 
+def scoop_fitness_map():
+    """One map of 14 VGG16 fitness calls: serial (2 threads, and 1 thread) vs ``python -m scoop -n 2``
+    (1 thread per worker). Workers are warmed up first; the time is the map alone."""
+    job = ROOT / "benchmarks" / "jobs" / "fitness_map.py"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = {}
+    for name, cmd in (("serial_2_threads", [sys.executable, str(job), "--threads", "2"]),
+                      ("serial_1_thread", [sys.executable, str(job), "--threads", "1"]),
+                      ("scoop_2_workers", [sys.executable, "-m", "scoop", "-n", "2", str(job)])):
+        times = []
+        for _ in range(2):
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            line = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("fitness_map:")]
+            assert line, (r.stdout + r.stderr)[-2000:]
+            times.append(float(line[0].split(" in ")[1].split()[0]))
+        out[name] = stats(times)
+    out["speedup_vs_serial_2_threads"] = out["serial_2_threads"]["median"] / out["scoop_2_workers"]["median"]
+    out["speedup_vs_serial_1_thread"] = out["serial_1_thread"]["median"] / out["scoop_2_workers"]["median"]
+    log(f"SCOOP fitness map: serial 2 threads {out['serial_2_threads']['median']:.1f} s, 1 thread "
+        f"{out['serial_1_thread']['median']:.1f} s, scoop -n 2 {out['scoop_2_workers']['median']:.1f} s")
+    return out
+
+
 def peak_rss_of_search():
     job = ROOT / "tests" / "jobs" / "tiny_search.py"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -241,6 +264,8 @@ def main():
     result["latency"] = latency(model, space, imp, x, repeat if not args.quick else 20)
     write_json(out, result)
     result["scoop"] = scoop_speedup()
+    result["scoop_fitness_map"] = scoop_fitness_map()
+    write_json(out, result)
     result["peak_rss"] = peak_rss_of_search()
     result["peak_rss"]["this_benchmark_MiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["wall_time_s"] = time.perf_counter() - t0

@@ -80,7 +80,15 @@ def b3(res):
     s = res["scoop"]
     lines += ["", f"SCOOP (tiny search job, whole-job wall time, median of {s['serial_1_process']['n']}): serial "
               f"{s['serial_1_process']['median']:.1f} s, `-n 2` {s['scoop_2_workers']['median']:.1f} s, speed-up "
-              f"x{s['speedup']:.2f}.", "",
+              f"x{s['speedup']:.2f}.", ""]
+    if "scoop_fitness_map" in res:
+        m = res["scoop_fitness_map"]
+        lines += [f"SCOOP, one map of 14 VGG16 fitness calls (median of 2): serial with 2 torch threads "
+                  f"{m['serial_2_threads']['median']:.1f} s, serial with 1 thread {m['serial_1_thread']['median']:.1f}"
+                  f" s, `python -m scoop -n 2` (1 thread per worker) {m['scoop_2_workers']['median']:.1f} s: x"
+                  f"{m['speedup_vs_serial_2_threads']:.2f} vs 2 threads, x{m['speedup_vs_serial_1_thread']:.2f} vs 1.",
+                  ""]
+    lines += [
               f"Peak RSS: tiny search job {res['peak_rss']['tiny_search_job_MiB']:.0f} MiB; this benchmark (VGG16 "
               f"and its copies) {res['peak_rss']['this_benchmark_MiB']:.0f} MiB."]
     return "\n".join(lines)
