@@ -70,7 +70,7 @@ def main():
         ind = ops.init_importance(ind_cls, space.layout, ranks, (0.3, 1.0), noise=0.05 * (i % 3))
         if i % 4 == 3:
             ind = ops.init_random(ind_cls, space.layout, (0.3, 1.0), conn_keep=1.0)
-        ops.repair(ind, space, ranks, macs_budget=budget)
+        ops.repair(ind, space, ranks, macs_budget=budget, fill=0.99)  # every plan at (nearly) the same MACs
         plans.append(ind)
     quick = Evaluator(teacher, space, sx, sy, config=FitnessConfig(bn_recalibration=False))
     adaptive = Evaluator(teacher, space, sx, sy, recal)
