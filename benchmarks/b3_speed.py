@@ -238,7 +238,10 @@ def main():
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None)
+    p.add_argument("--parts", default="fitness,overhead,latency,scoop,rss",
+                   help="comma-separated subset to (re)measure; other parts already in --out are kept")
     args = p.parse_args()
+    parts = set(args.parts.split(","))
     torch.set_num_threads(args.threads)
     repeat = 5 if args.quick else 20
     n_images = 256 if args.quick else 500
@@ -254,20 +257,21 @@ def main():
     recal = [torch.randn(64, 3, 32, 32) for _ in range(5)]
     space = PruningSpace.from_model(model, x[:1])
     imp = channel_importance(model, space, x[:1], "l1")
-    result = {"settings": {"threads": args.threads, "score_images": n_images, "recal_batches": 5, "repeat": repeat,
-                           "torch": torch.__version__, "cpus": os.cpu_count()}}
+    result = json.loads(out.read_text()) if out.exists() else {}
+    result["settings"] = {"threads": args.threads, "score_images": n_images, "recal_batches": 5, "repeat": repeat,
+                          "torch": torch.__version__, "cpus": os.cpu_count()}
     t0 = time.perf_counter()
-    result["fitness"] = fitness_rates(model, space, imp, x, y, recal, max(3, repeat // 4))
-    write_json(out, result)
-    result["overhead"] = overhead(model, space, imp, x, repeat)
-    write_json(out, result)
-    result["latency"] = latency(model, space, imp, x, repeat if not args.quick else 20)
-    write_json(out, result)
-    result["scoop"] = scoop_speedup()
-    result["scoop_fitness_map"] = scoop_fitness_map()
-    write_json(out, result)
-    result["peak_rss"] = peak_rss_of_search()
-    result["peak_rss"]["this_benchmark_MiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    steps = (("fitness", lambda: fitness_rates(model, space, imp, x, y, recal, max(3, repeat // 4))),
+             ("overhead", lambda: overhead(model, space, imp, x, repeat)),
+             ("latency", lambda: latency(model, space, imp, x, repeat if not args.quick else 20)),
+             ("scoop", lambda: scoop_speedup()), ("scoop_fitness_map", lambda: scoop_fitness_map()),
+             ("peak_rss", lambda: peak_rss_of_search()))
+    for key, measure in steps:
+        if key.split("_")[0] in parts or (key == "peak_rss" and "rss" in parts):
+            result[key] = measure()
+            write_json(out, result)
+    if "rss" in parts:
+        result["peak_rss"]["this_benchmark_MiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["wall_time_s"] = time.perf_counter() - t0
     write_json(out, result)
     log(f"done -> {out}")
