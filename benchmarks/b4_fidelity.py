@@ -6,7 +6,8 @@
 On the VGG16 teacher, a spread of plans at one MACs budget (uniform L1, torch-pruning-style global L1 shapes,
 random, and importance-seeded individuals) is scored three ways on the val-search split: the quick score without BN
 re-calibration, with it, and the val-report accuracy after the same short fine-tune. Reports Spearman's rank
-correlation of each quick score with the fine-tuned accuracy. Writes benchmarks/results/b4_fidelity[_quick].json.
+correlation of each quick score with the fine-tuned accuracy. Writes
+benchmarks/results/b4_fidelity[_quick]_b<budget %>.json.
 """
 from __future__ import annotations
 
@@ -92,7 +93,8 @@ def main():
         "spearman_recal_vs_finetuned": spearman([r["quick_recal"] for r in rows], [r["finetuned"] for r in rows]),
         "wall_time_s": time.perf_counter() - t0,
     }
-    write_json(ROOT / "benchmarks" / "results" / f"b4_fidelity{'_quick' if args.quick else ''}.json", result)
+    name = f"b4_fidelity{'_quick' if args.quick else ''}_b{round(100 * args.budget)}.json"
+    write_json(ROOT / "benchmarks" / "results" / name, result)
     print(f"Spearman vs fine-tuned accuracy: without BN re-calibration {result['spearman_plain_vs_finetuned']:.3f}, "
           f"with it {result['spearman_recal_vs_finetuned']:.3f}")
 

@@ -111,7 +111,8 @@ def main():
     args = p.parse_args()
     tag = "_quick" if args.quick else ""
     for title, name, fn in (("B1", f"b1_equal_macs{tag}.json", b1), ("B2", f"b2_paper_protocol{tag}.json", b2),
-                            ("B3", f"b3_speed{tag}.json", b3), ("B4", f"b4_fidelity{tag}.json", b4)):
+                            ("B3", f"b3_speed{tag}.json", b3), ("B4", f"b4_fidelity{tag}_b50.json", b4),
+                            ("B4", f"b4_fidelity{tag}_b25.json", b4)):
         res = load(name)
         print(f"## {title} ({name})\n")
         print(fn(res) if res else "(no results yet)")
