@@ -122,56 +122,38 @@ def repair(individual, space, ranks: Sequence[np.ndarray], *, macs_budget: float
         macs, params = space.cost_from_counts(cs, active)
         return (macs_budget is None or macs <= macs_budget) and (params_budget is None or params <= params_budget)
 
+    def legal(cs):
+        return [_legal_count(c, g.size, space.min_keep, space.round_to, up=False) for c, g in zip(cs, space.groups)]
+
     if fits(counts):
-        if fill is not None:
-            _grow(individual, space, ranks, counts, active, macs_budget, params_budget, fill)
-        return (individual,)
-
-    def scaled(f):
-        return [_legal_count(max(1, round(f * c)), g.size, space.min_keep, space.round_to, up=False)
-                for c, g in zip(counts, space.groups)]
-
-    lo, hi = 0.0, 1.0  # fits(scaled(lo)) is the best we can do; hi does not fit
-    for _ in range(20):
-        mid = (lo + hi) / 2
-        if fits(scaled(mid)):
-            lo = mid
-        else:
-            hi = mid
-    final = scaled(lo)
+        macs, params = space.cost_from_counts(counts, active)
+        if fill is None or ((macs_budget is None or macs >= fill * macs_budget) and
+                            (params_budget is None or params >= fill * params_budget)):
+            return (individual,)
+        def counts_for(f):  # grow: switch on the same share f of every group's removed channels
+            return legal([c + int(f * (g.size - c)) for c, g in zip(counts, space.groups)])
+    else:
+        def counts_for(f):  # shrink: keep the same share f of every group's kept channels
+            return legal([max(1, round(f * c)) for c in counts])
+    final = counts_for(_largest_fitting(counts_for, fits))
     for i, want in enumerate(final):
         sl = layout.group_slice(i)
         individual[sl] = _set_count(individual[sl], want, ranks[i])
     return (individual,)
 
 
-def _grow(individual, space, ranks, counts, active, macs_budget, params_budget, fill):
-    macs, params = space.cost_from_counts(counts, active)
-    if (macs_budget is None or macs >= fill * macs_budget) and (params_budget is None or params >= fill * params_budget):
-        return
-
-    def grown(f):
-        return [_legal_count(c + int(f * (g.size - c)), g.size, space.min_keep, space.round_to, up=False)
-                for c, g in zip(counts, space.groups)]
-
-    def fits(cs):
-        m, p = space.cost_from_counts(cs, active)
-        return (macs_budget is None or m <= macs_budget) and (params_budget is None or p <= params_budget)
-
+def _largest_fitting(counts_for, fits, steps: int = 20) -> float:
+    """The largest ``f`` in [0, 1] (to ``2**-steps``) with ``fits(counts_for(f))``, by bisection; 0 if none."""
+    if fits(counts_for(1.0)):
+        return 1.0
     lo, hi = 0.0, 1.0
-    if fits(grown(hi)):
-        lo = hi
-    else:
-        for _ in range(20):
-            mid = (lo + hi) / 2
-            if fits(grown(mid)):
-                lo = mid
-            else:
-                hi = mid
-    for i, want in enumerate(grown(lo)):
-        if want > counts[i]:
-            sl = space.layout.group_slice(i)
-            individual[sl] = _set_count(individual[sl], want, ranks[i])
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        if fits(counts_for(mid)):
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def _legal_count(count: int, size: int, min_keep: int, round_to: int | None, up: bool = True) -> int:
