@@ -375,15 +375,10 @@ def _check_outputs(model, data, where: str) -> None:
     import torch
 
     from .data import normalize
-    from .errors import DataError, ModelError
+    from .errors import DataError
+    from .space import check_forward
     x = normalize(data.val.images[:2])
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(x)
-    except Exception as exc:
-        raise ModelError(f"{where} cannot run on the data's images of shape {tuple(x.shape[1:])} "
-                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    out = check_forward(model.eval(), x, f" ({where} and the data's images do not fit)")
     classes = len(data.train.classes)
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != classes:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -633,15 +628,10 @@ def model_info(model, shape) -> dict:
     import torch
     import torch_pruning as tp
 
-    from .errors import ModelError
     from .export import model_bytes
+    from .space import check_forward
     x = _example_inputs(shape)
-    try:
-        with torch.no_grad():
-            out = model(x)
-    except Exception as exc:
-        raise ModelError(f"the model cannot run on inputs of shape {tuple(x.shape)} ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''}); pass the right --input-shape") from None
+    out = check_forward(model, x, "; pass the right --input-shape")
     scripted = isinstance(model, torch.jit.ScriptModule)
     layer_macs, total_macs = {}, None
     if not scripted:

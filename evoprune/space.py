@@ -115,7 +115,7 @@ class PruningSpace:
 
         work = copy.deepcopy(model).eval()
         work_modules = dict(work.named_modules())
-        reference = _forward_or_raise(work, example_inputs)
+        reference = check_forward(work, example_inputs)
         try:
             with torch.enable_grad():  # torch-pruning traces through autograd
                 dg = tp.DependencyGraph().build_dependency(
@@ -311,13 +311,14 @@ def check_finite(model: nn.Module) -> None:
             raise ModelError(f"{name} contains NaN or inf: the model cannot be scored or pruned meaningfully")
 
 
-def _forward_or_raise(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def check_forward(model: nn.Module, x: torch.Tensor, hint: str = "") -> torch.Tensor:
+    """``model(x)`` without gradients, or a :class:`ModelError` that says the inputs do not fit (plus ``hint``)."""
     try:
         with torch.no_grad():
             out = model(x)
     except Exception as exc:
         raise ModelError(f"{type(model).__name__} cannot run on inputs of shape {tuple(x.shape)}: "
-                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}{hint}") from None
     if not isinstance(out, torch.Tensor):
         raise ModelError(f"{type(model).__name__} returns {type(out).__name__}; evoprune needs a model whose "
                          "forward returns one tensor (wrap it to select the logits)")
@@ -614,4 +615,4 @@ def _probe_cost(work, dg, roots, x) -> CostModel:
         raise ModelError(str(exc)) from None
 
 
-__all__ = ["PruningSpace", "ChannelGroup", "ConnectionUnit", "Consumer", "check_finite"]
+__all__ = ["PruningSpace", "ChannelGroup", "ConnectionUnit", "Consumer", "check_finite", "check_forward"]
