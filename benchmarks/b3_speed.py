@@ -10,7 +10,6 @@ the spread (min, max). Writes benchmarks/results/b3_speed[_quick].json.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import random

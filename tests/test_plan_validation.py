@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch_pruning as tp
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from evoprune import EvoPruneError, PlanError, PruningPlan, PruningSpace, apply_plan, masked

@@ -21,7 +21,7 @@ from evoprune import checkpoint as ckpt
 from evoprune import operators as ops
 from evoprune.data import normalize, synthetic
 from evoprune.fitness import Evaluator
-from evoprune.importance import channel_importance, ranks as to_ranks
+from evoprune.importance import ranks as to_ranks
 from evoprune.models import tiny_cnn
 from evoprune.search import search
 from evoprune.toolbox import creator_types, parallel_map, register
