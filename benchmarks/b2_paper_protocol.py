@@ -49,7 +49,7 @@ def main():
     tag = "_quick" if args.quick else ""
     out_dir = ROOT / "benchmarks" / "results" / f"b2_run{tag}"
     opts = job.JobOptions(rounds=5, population=30, elites=5, p_c=0.6, p_mut=0.6,
-                          generations=1 if args.quick else 4, target_macs=args.target_macs,
+                          generations=1 if args.quick else 4, target=args.target_macs,
                           finetune_epochs=0.1 if args.quick else 1.0, score_samples=500 if args.quick else 1000,
                           recal_batches=5 if args.quick else 20, seed=0)
     t0 = time.perf_counter()

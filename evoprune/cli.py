@@ -448,11 +448,11 @@ def demo_options(quick: bool, seed: int = 0):
     from .job import JobOptions
     if quick:
         sizes, epochs = (800, 400), 3
-        opts = JobOptions(rounds=2, population=6, elites=2, generations=1, target_macs=0.3, finetune_epochs=0.5,
+        opts = JobOptions(rounds=2, population=6, elites=2, generations=1, target=0.3, finetune_epochs=0.5,
                           recal_batches=2, score_samples=200, seed=seed, resume=False)
     else:
         sizes, epochs = (2000, 1000), 4
-        opts = JobOptions(rounds=2, population=10, elites=3, generations=3, target_macs=0.25, finetune_epochs=1.0,
+        opts = JobOptions(rounds=2, population=10, elites=3, generations=3, target=0.25, finetune_epochs=1.0,
                           recal_batches=4, score_samples=500, seed=seed, resume=False)
     return sizes, epochs, opts
 
@@ -487,7 +487,7 @@ def _demo(args, t0: float) -> int:
     train(model, data.train, epochs, batch_size=64, lr=0.05, seed=args.seed, progress=True)
     print(f"evoprune demo: baseline val top-1 {evaluate(model, data.val):.4f}; searching "
           f"({opts.rounds} rounds x {opts.generations} generations, population {opts.population}, "
-          f"target {opts.target_macs:.0%} of the MACs)", file=sys.stderr)
+          f"target {opts.target:.0%} of the MACs)", file=sys.stderr)
     out = Path(args.out)
     result = job.run(model.eval(), data, out, opts, title="evoprune demo: TinyCNN on generated images")
     print(f"evoprune demo: done in {time.perf_counter() - t0:.1f} s")

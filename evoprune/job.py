@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -27,23 +27,17 @@ from .train import evaluate, finetune
 
 
 @dataclass
-class JobOptions:
-    rounds: int = 5
-    population: int = 30
-    elites: int = 5
-    p_c: float = 0.6
-    p_mut: float = 0.6
+class JobOptions(SearchConfig):
+    """The search settings (:class:`~evoprune.search.SearchConfig`: rounds, generations, population, elites, p_c,
+    p_mut, target, objective, connections, seed...) plus what the job does around the search."""
+
     generations: int = 4
-    target_macs: float = 0.5
-    objective: str = "budget"
-    connections: bool = True
     finetune_epochs: float = 1.0
     finetune_lr: float = 0.01
     kd: bool = True
     score_samples: int = 1000
     recal_batches: int = 20
     batch_size: int = 64
-    seed: int = 0
     device: str = "cpu"
     resume: bool = True
 
@@ -54,12 +48,10 @@ class JobOptions:
             raise ConfigError("recal_batches and finetune_epochs must be >= 0")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
-        self.search_config().check()
+        super().check()
 
     def search_config(self) -> SearchConfig:
-        return SearchConfig(rounds=self.rounds, generations=self.generations, population=self.population,
-                            elites=self.elites, p_c=self.p_c, p_mut=self.p_mut, target=self.target_macs,
-                            objective=self.objective, connections=self.connections, seed=self.seed)
+        return SearchConfig(**{f.name: getattr(self, f.name) for f in fields(SearchConfig)})
 
 
 def add_search_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,7 +66,7 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--p-mut", type=float, default=d.p_mut, help="mutation probability (default: %(default)s)")
     g.add_argument("--generations", type=int, default=d.generations,
                    help="generations per round (default: %(default)s)")
-    g.add_argument("--target-macs", type=float, default=d.target_macs,
+    g.add_argument("--target-macs", type=float, default=d.target,
                    help="final MACs as a fraction of the original, reached geometrically over the rounds "
                         "(default: %(default)s)")
     g.add_argument("--objective", choices=("budget", "nsga2", "topk"), default=d.objective,
@@ -95,7 +87,7 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
 
 def options_from_args(args: argparse.Namespace) -> JobOptions:
     opts = JobOptions(rounds=args.rounds, population=args.population, elites=args.elites, p_c=args.p_c,
-                      p_mut=args.p_mut, generations=args.generations, target_macs=args.target_macs,
+                      p_mut=args.p_mut, generations=args.generations, target=args.target_macs,
                       objective=args.objective, connections=not args.no_connections,
                       finetune_epochs=args.finetune_epochs, kd=not args.no_kd, score_samples=args.score_samples,
                       recal_batches=args.recal_batches, seed=args.seed, device=args.device,
