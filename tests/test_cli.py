@@ -25,13 +25,7 @@ TINY_SEARCH = ["--score-samples", "20", "--population", "4", "--elites", "2", "-
                "--recal-batches", "1", "--finetune-epochs", "0.5"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and far faster than on two when other jobs share the CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -13,12 +13,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TEACHER = SHARED / "models" / "vgg16_bn_cifar10.pt"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -21,13 +21,7 @@ def colour_set(count: int, seed: int) -> ImageSet:
     return ImageSet(images, labels, ["red", "green", "blue", "yellow"])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train fastest on one thread, and far faster than on two when other jobs share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 @pytest.fixture(scope="module")
