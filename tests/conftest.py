@@ -54,6 +54,25 @@ def _state_guard(model: nn.Module):
     return check
 
 
+def _write_imagefolder(root, n_train: int, n_val: int, *, classes: int, size: int):
+    """Generated data (``evoprune.data.synthetic``) written as PNGs in an ImageFolder tree ``train/<c>, val/<c>``."""
+    from PIL import Image
+
+    from evoprune.data import synthetic
+    data = synthetic(n_train, n_val, classes=classes, size=size, seed=0)
+    for split, images in (("train", data.train), ("val", data.val)):
+        for i, (img, label) in enumerate(zip(images.images, images.labels)):
+            folder = root / split / f"class{int(label)}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def write_imagefolder():
+    return _write_imagefolder
+
+
 @pytest.fixture(scope="session")
 def randomize_bn():
     return _randomize_bn

@@ -12,11 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from evoprune import cli
 from evoprune.cli import main
-from evoprune.data import synthetic
 from evoprune.models import load_weights, tiny_cnn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,16 +43,9 @@ def error_lines(err: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def imagefolder(tmp_path_factory) -> Path:
+def imagefolder(tmp_path_factory, write_imagefolder) -> Path:
     """A 16x16, 4-class ImageFolder tree of PNGs: 120 train and 60 val images."""
-    root = tmp_path_factory.mktemp("imagefolder")
-    data = synthetic(120, 60, classes=4, size=16, seed=0)
-    for split, images in (("train", data.train), ("val", data.val)):
-        for i, (img, label) in enumerate(zip(images.images, images.labels)):
-            folder = root / split / f"class{int(label)}"
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
-    return root
+    return write_imagefolder(tmp_path_factory.mktemp("imagefolder"), 120, 60, classes=4, size=16)
 
 
 @pytest.fixture(scope="module")

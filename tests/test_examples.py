@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
-from evoprune.data import synthetic
 from evoprune.models import tiny_cnn, vgg16_bn_cifar
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,18 +23,8 @@ ROUND_FILES = ("round1.pt", "round1.torchscript.pt", "round1.json", "report.md",
                "logbook.csv")
 
 
-def write_imagefolder(root: Path, n_train: int, n_val: int, *, classes: int, size: int) -> Path:
-    data = synthetic(n_train, n_val, classes=classes, size=size, seed=0)
-    for split, images in (("train", data.train), ("val", data.val)):
-        for i, (img, label) in enumerate(zip(images.images, images.labels)):
-            folder = root / split / f"c{int(label)}"
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
-    return root
-
-
 @pytest.fixture(scope="module")
-def cifar_like(tmp_path_factory):
+def cifar_like(tmp_path_factory, write_imagefolder):
     """A 32x32, 10-class ImageFolder tree (200 train / 100 val) and a random VGG16-BN state_dict."""
     root = write_imagefolder(tmp_path_factory.mktemp("cifar_like"), 200, 100, classes=10, size=32)
     torch.manual_seed(0)
