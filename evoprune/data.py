@@ -82,7 +82,6 @@ class ImageSet:
 
     def fingerprint(self) -> str:
         """A short digest of the labels and a sample of the pixels: which data a cached result came from."""
-        import hashlib
         h = hashlib.sha1(self.labels.numpy().tobytes())
         h.update(self.images.reshape(-1)[:: 997].numpy().tobytes())
         h.update(str(tuple(self.images.shape)).encode())

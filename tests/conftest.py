@@ -68,6 +68,23 @@ def _write_imagefolder(root, n_train: int, n_val: int, *, classes: int, size: in
     return root
 
 
+def _trained_tiny(n_train: int, n_val: int, *, data_seed: int, epochs: int):
+    """A ``tiny_cnn`` trained (seed 0) on generated, separable-but-noisy data; returns ``(model in eval mode, data)``."""
+    from evoprune.data import synthetic
+    from evoprune.models import tiny_cnn
+    from evoprune.train import train
+    data = synthetic(n_train, n_val, noise=0.35, seed=data_seed)
+    torch.manual_seed(0)
+    model = tiny_cnn(4, 16)
+    train(model, data.train, epochs, batch_size=64, lr=0.05, progress=False, seed=0)
+    return model.eval(), data
+
+
+@pytest.fixture(scope="session")
+def trained_tiny():
+    return _trained_tiny
+
+
 @pytest.fixture(scope="session")
 def write_imagefolder():
     return _write_imagefolder

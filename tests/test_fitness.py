@@ -10,21 +10,17 @@ import torch
 
 from evoprune import ConfigError, ModelError, PlanError, PruningSpace
 from evoprune import fitness as fit
-from evoprune.data import normalize, synthetic
+from evoprune.data import normalize
 from evoprune.fitness import EvaluationError, Evaluator, FitnessConfig
 from evoprune.importance import channel_importance
-from evoprune.models import tiny_cnn
-from evoprune.train import train
+
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 @pytest.fixture(scope="module")
-def setup():
-    torch.set_num_threads(1)
-    data = synthetic(1600, 600, noise=0.35, seed=1)
-    torch.manual_seed(0)
-    model = tiny_cnn(4, 16)
-    train(model, data.train, 3, batch_size=64, lr=0.05, progress=False, seed=0)
-    model.eval()
+def setup(trained_tiny):
+    model, data = trained_tiny(1600, 600, data_seed=1, epochs=3)
     x, y = normalize(data.val.images), data.val.labels
     recal = [normalize(data.train.images[i:i + 64]) for i in range(0, 512, 64)]
     space = PruningSpace.from_model(model, x[:1])

@@ -19,27 +19,23 @@ from deap import algorithms, base, tools
 from evoprune import CheckpointError, ConfigError, PruningSpace
 from evoprune import checkpoint as ckpt
 from evoprune import operators as ops
-from evoprune.data import normalize, synthetic
+from evoprune.data import normalize
 from evoprune.fitness import Evaluator
 from evoprune.importance import ranks as to_ranks
-from evoprune.models import tiny_cnn
 from evoprune.search import search
 from evoprune.toolbox import creator_types, parallel_map, register
-from evoprune.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "tests" / "jobs" / "tiny_search.py"
 
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
 @pytest.fixture(scope="module")
-def trained():
+def trained(trained_tiny):
     """A tiny CNN trained on generated, separable-but-noisy data; a search split and BN re-calibration batches."""
-    torch.set_num_threads(1)
-    data = synthetic(2000, 1000, noise=0.35, seed=0)
-    torch.manual_seed(0)
-    model = tiny_cnn(4, 16)
-    train(model, data.train, 4, val_set=data.val, batch_size=64, lr=0.05, progress=False, seed=0)
-    model.eval()
+    model, data = trained_tiny(2000, 1000, data_seed=0, epochs=4)
     search_set, report_set = data.val.stratified_split(0.5, seed=0)
     x, y = normalize(search_set.images), search_set.labels
     recal = [normalize(data.train.images[i:i + 64]) for i in range(0, 640, 64)]
