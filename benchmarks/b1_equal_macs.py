@@ -39,7 +39,7 @@ from evoprune.data import load_cifar10, normalize  # noqa: E402
 from evoprune.fitness import FitnessConfig, recalibrate_bn  # noqa: E402
 from evoprune.importance import channel_importance, ranks as to_ranks  # noqa: E402
 from evoprune.models import load_weights, vgg16_bn_cifar  # noqa: E402
-from evoprune.search import search  # noqa: E402
+from evoprune.evolve import search  # noqa: E402
 from evoprune.storage import write_json  # noqa: E402
 from evoprune.toolbox import creator_types  # noqa: E402
 from evoprune.train import evaluate, finetune  # noqa: E402

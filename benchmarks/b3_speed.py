@@ -33,7 +33,7 @@ from evoprune import operators as ops  # noqa: E402
 from evoprune.fitness import Evaluator, FitnessConfig  # noqa: E402
 from evoprune.importance import channel_importance, ranks as to_ranks  # noqa: E402
 from evoprune.models import load_weights, vgg16_bn_cifar  # noqa: E402
-from evoprune.search import vary  # noqa: E402
+from evoprune.evolve import vary  # noqa: E402
 from evoprune.storage import write_json  # noqa: E402
 from evoprune.toolbox import register  # noqa: E402
 

@@ -2,7 +2,7 @@
 a report out.
 
 It splits ``val`` into a search half (fitness, stratified) and a report half (every reported accuracy), takes BN
-re-calibration batches from ``train``, runs :func:`evoprune.search.search` with fine-tuning (optionally distilled
+re-calibration batches from ``train``, runs :func:`evoprune.evolve.search` with fine-tuning (optionally distilled
 from the unpruned teacher) between rounds, and writes per round ``round{k}.pt``, ``round{k}.torchscript.pt`` and
 ``round{k}.json``, then ``report.json``, ``report.md``, ``pareto.png`` and ``logbook.csv``.
 """
@@ -22,13 +22,13 @@ from .errors import ConfigError
 from .export import export
 from .fitness import FitnessConfig
 from .report import write_report
-from .search import SearchConfig, SearchResult, search
+from .evolve import SearchConfig, SearchResult, search
 from .train import evaluate, finetune
 
 
 @dataclass
 class JobOptions(SearchConfig):
-    """The search settings (:class:`~evoprune.search.SearchConfig`: rounds, generations, population, elites, p_c,
+    """The search settings (:class:`~evoprune.evolve.SearchConfig`: rounds, generations, population, elites, p_c,
     p_mut, target, objective, connections, seed...) plus what the job does around the search."""
 
     generations: int = 4

@@ -7,7 +7,7 @@ import importlib.util
 import io
 from pathlib import Path
 
-from .search import SearchResult
+from .evolve import SearchResult
 from .storage import atomic_write, write_json, write_text
 
 

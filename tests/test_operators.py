@@ -13,7 +13,7 @@ from evoprune import ConfigError, PruningSpace
 from evoprune import operators as ops
 from evoprune.genome import Layout
 from evoprune.importance import channel_importance, ranks as to_ranks
-from evoprune.search import vary
+from evoprune.evolve import vary
 from evoprune.toolbox import creator_types, register
 
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from evoprune import CheckpointError, ConfigError, PruningSpace
 from evoprune import operators as ops
 from evoprune.fitness import FitnessConfig
-from evoprune.search import SearchConfig
+from evoprune.evolve import SearchConfig
 from evoprune.storage import atomic_write, load_module, load_state_dict, torch_save, write_json
 from evoprune.toolbox import register
 

@@ -22,7 +22,7 @@ from evoprune import operators as ops
 from evoprune.data import normalize
 from evoprune.fitness import Evaluator
 from evoprune.importance import ranks as to_ranks
-from evoprune.search import search
+from evoprune.evolve import search
 from evoprune.toolbox import creator_types, parallel_map, register
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ import torch
 from evoprune.data import normalize, synthetic
 from evoprune.fitness import FitnessConfig
 from evoprune.models import tiny_cnn
-from evoprune.search import search
+from evoprune.evolve import search
 from evoprune.storage import load_state_dict, torch_save, write_json
 from evoprune.train import train
 
