@@ -16,7 +16,6 @@ import copy
 import math
 import random
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -29,11 +28,12 @@ from deap import base, tools
 from . import checkpoint as ckpt
 from .errors import ConfigError
 from .export import layer_widths, model_bytes
-from .fitness import Evaluator, FitnessConfig, recalibrate_bn
+from .fitness import Evaluator, FitnessConfig, recalibrate_bn, reference_score
 from .importance import KINDS as IMPORTANCE_KINDS
 from .importance import channel_importance
 from .operators import check_probability, sel_budget
 from .plan import PruningPlan
+from .progress import bar, status
 from .space import PruningSpace
 from .surgery import apply_plan
 from .toolbox import creator_types, register
@@ -42,7 +42,7 @@ from .toolbox import creator_types, register
 @dataclass
 class SearchConfig:
     rounds: int = 5
-    generations: int = 5
+    generations: int = 4
     population: int = 30
     elites: int = 5
     p_c: float = 0.6
@@ -179,17 +179,22 @@ def search(model: nn.Module, example_inputs: torch.Tensor, score_x: torch.Tensor
         result.widths, result.evaluated, result.pareto = state["widths"], state["evaluated"], state["pareto"]
         logbook.extend(state["logbook"])
         for plan in result.plans:  # rebuild the structure of the last finished round, then its weights
-            current = apply_plan(current, PruningPlan.from_dict(plan), example_inputs)
+            replay = space0 if current is original else \
+                PruningSpace.from_model(current, example_inputs, with_cost=False, **space_kwargs)
+            current = apply_plan(current, PruningPlan.from_dict(plan), example_inputs, space=replay)
         if state["weights"] is not None:
             current.load_state_dict(state["weights"])
         start_round = len(result.plans) + 1
         resume_gen = state.get("generation")
         ckpt.set_rng_state(state["rng"])
-        if verbose:
-            print(f"evoprune: resumed from {checkpoint_dir} at round {start_round}, generation "
-                  f"{resume_gen if resume_gen is not None else 0}", file=sys.stderr)
+        if verbose and start_round > config.rounds:
+            status(f"evoprune: {checkpoint_dir} holds a finished search ({config.rounds} round(s)); nothing to redo")
+        elif verbose:
+            status(f"evoprune: resumed from {checkpoint_dir} at round {start_round}, generation "
+                   f"{resume_gen + 1 if resume_gen is not None else 0}")
 
     total = baseline["macs"] if config.target_kind == "macs" else baseline["params"]
+    ref_score = reference_score(fitness.metric, _num_classes(original, example_inputs, score_y))
     for k in range(start_round, config.rounds + 1):
         t0 = time.perf_counter()
         budget = total * config.target ** (k / config.rounds)
@@ -210,22 +215,20 @@ def search(model: nn.Module, example_inputs: torch.Tensor, score_x: torch.Tensor
             result.evaluated[-1] = evaluated = [tuple(p) for p in result.evaluated[-1]]
             first_gen = resume_gen + 1
         else:
-            pop = [toolbox.repair(toolbox.individual())[0] for _ in range(config.population)]
+            pop = toolbox.population(config.population)
             evaluated = []
             result.evaluated.append(evaluated)
-            n = _evaluate(toolbox, pop, evaluated)
+            n = _evaluate(toolbox, pop, evaluated, _label(k, config, 0) if progress else None)
             front.update(pop)
-            _record(logbook, k, 0, n, pop, feasible, space, verbose)
+            _record(logbook, k, 0, n, pop, feasible, space, verbose, ref_score)
             first_gen = 1
             _save(checkpoint_dir, space0, settings, result, k, 0, pop, front, current, original)
         for gen in range(first_gen, config.generations + 1):
             elites = toolbox.select(pop, config.elites)
             pop = [toolbox.clone(e) for e in elites] + vary(toolbox, elites, config.population - len(elites))
-            if progress:
-                _progress(k, config.rounds, gen, config.generations, logbook[-1])
-            n = _evaluate(toolbox, pop, evaluated)
+            n = _evaluate(toolbox, pop, evaluated, _label(k, config, gen) if progress else None)
             front.update(pop)
-            _record(logbook, k, gen, n, pop, feasible, space, verbose)
+            _record(logbook, k, gen, n, pop, feasible, space, verbose, ref_score)
             _save(checkpoint_dir, space0, settings, result, k, gen, pop, front, current, original)
         best = _choose(pop + list(front), feasible, config.objective, macs_budget)
         plan = space.decode(best)
@@ -255,9 +258,9 @@ def search(model: nn.Module, example_inputs: torch.Tensor, score_x: torch.Tensor
             on_round(k, pruned, row, plan)
         _save(checkpoint_dir, space0, settings, result, k + 1, None, None, None, current, original)
         if verbose:
-            print(f"evoprune: round {k}: {row['params'] / 1e6:.3f} M params, {row['macs'] / 1e6:.1f} MMACs "
-                  f"({row['macs_pct']:.1f} %), search score {search_score:.4f}"
-                  + (f", top-1 {row['top1']:.4f}" if row["top1"] is not None else ""), file=sys.stderr)
+            status(f"evoprune: round {k}: {row['params'] / 1e6:.3f} M params, {row['macs'] / 1e6:.1f} MMACs "
+                   f"({row['macs_pct']:.1f} %), search score {search_score:.4f}"
+                   + (f", top-1 {row['top1']:.4f}" if row["top1"] is not None else ""))
     result.model = current
     return result
 
@@ -295,37 +298,57 @@ def _feasibility(space, macs_budget, params_budget):
     return feasible
 
 
-def _evaluate(toolbox, population, evaluated) -> int:
-    """Evaluate the individuals without a fitness; each distinct genome once per call."""
+def _evaluate(toolbox, population, evaluated, label: str | None = None) -> int:
+    """Evaluate the individuals without a fitness; each distinct genome once per call. With ``label``, a progress
+    bar (on a terminal) advances with every fitness result."""
     todo = [ind for ind in population if not ind.fitness.valid]
     unique = {}
     for ind in todo:
         unique.setdefault(tuple(ind), ind)
-    results = dict(zip(unique, toolbox.map(toolbox.evaluate, list(unique.values()))))
+    scores = toolbox.map(toolbox.evaluate, list(unique.values()))
+    with bar(scores, total=len(unique), desc=label, unit="plan", enabled=label is not None) as scores:
+        results = dict(zip(unique, scores))
     for ind in todo:
         ind.fitness.values = results[tuple(ind)]
     evaluated.extend(results.values())
     return len(unique)
 
 
-def _record(logbook, k, gen, n, pop, feasible, space, verbose):
+def _label(k, config, gen):
+    return f"round {k}/{config.rounds} gen {gen}/{config.generations}"
+
+
+def _num_classes(model, example_inputs, score_y) -> int:
+    """Classes of the task: the model's output width (labels as a fallback)."""
+    with torch.no_grad():
+        out = model.eval()(example_inputs)
+    if isinstance(out, torch.Tensor) and out.dim() == 2:
+        return int(out.shape[1])
+    return int(torch.as_tensor(score_y).max()) + 1
+
+
+def _record(logbook, k, gen, n, pop, feasible, space, verbose, ref_score=0.0):
     scores = [ind.fitness.values[0] for ind in pop]
     ok = [ind for ind in pop if feasible(ind)]
     best = max(ok or pop, key=lambda ind: (ind.fitness.values[0], -ind.fitness.values[1]))
     logbook.record(round=k, gen=gen, evals=n, feasible=len(ok), best=round(best.fitness.values[0], 6),
                    median=round(statistics.median(scores), 6), best_mmacs=round(best.fitness.values[1] / 1e6, 4),
                    min_mmacs=round(min(ind.fitness.values[1] for ind in pop) / 1e6, 4),
-                   hv=round(hypervolume(pop, space.base_macs), 6))
+                   hv=round(hypervolume(pop, space.base_macs, ref_score), 6))
     if verbose:
-        print("\r\033[K" + logbook.stream, file=sys.stderr)
+        status(logbook.stream)
 
 
-def hypervolume(population, base_macs) -> float:
-    """Hypervolume of (score up, MACs fraction down) against the reference point (score 0, MACs fraction 1)."""
+def hypervolume(population, base_macs, ref_score: float = 0.0) -> float:
+    """Hypervolume of (score up, MACs fraction down) against the reference point (``ref_score``, MACs fraction 1).
+
+    ``ref_score`` is :func:`evoprune.fitness.reference_score`: top-1 0, or minus the chance-level loss
+    ``-ln(classes)`` under ``metric="loss"`` (scores there are minus a loss, so a reference of 0 would leave every
+    point outside). Points no better than the reference, or not cheaper than the base model, add nothing."""
     import moocore
     pts = np.array([(-ind.fitness.values[0], ind.fitness.values[1] / base_macs) for ind in population
-                    if ind.fitness.values[0] > 0 and ind.fitness.values[1] < base_macs])
-    return float(moocore.hypervolume(pts, ref=[0.0, 1.0])) if len(pts) else 0.0
+                    if ind.fitness.values[0] > ref_score and ind.fitness.values[1] < base_macs])
+    return float(moocore.hypervolume(pts, ref=[-ref_score, 1.0])) if len(pts) else 0.0
 
 
 def _choose(candidates, feasible, objective, macs_budget):
@@ -334,14 +357,6 @@ def _choose(candidates, feasible, objective, macs_budget):
     if ok:
         return max(ok, key=lambda ind: (ind.fitness.values[0], -ind.fitness.values[1]))
     return sel_budget(candidates, 1, macs_budget if macs_budget is not None else float("inf"))[0]
-
-
-def _progress(k, rounds, gen, gens, last):
-    """A progress bar for the generation being evaluated; the generation's logbook line replaces it."""
-    width = 20
-    done = int(width * (gen - 1) / gens)
-    print(f"\r\033[Kround {k}/{rounds} gen {gen}/{gens} [{'#' * done}{'.' * (width - done)}] evaluating... "
-          f"best so far {last['best']:.4f} @ {last['best_mmacs']:.2f} MMACs", end="", file=sys.stderr, flush=True)
 
 
 def _restore_population(saved):

@@ -30,6 +30,20 @@ _REGISTRY: dict[str, dict] = {}  # token -> payload, in this process
 _WORKERS: dict[str, "_Worker"] = {}  # token -> loaded state, in this process
 
 
+WORST_SCORE = -math.inf
+"""The score of a plan whose fitness call failed under ``on_error="worst"``: below every real score of every metric
+(top-1 is in [0, 1], minus a loss is in (-inf, 0]), so a crashed plan never wins a selection or joins a front."""
+
+
+def reference_score(metric: str, num_classes: int) -> float:
+    """The score of a chance-level classifier: top-1 0 for ``"top1"`` (anything above is better than nothing), minus
+    the loss of the uniform prediction, ``-ln(num_classes)``, for ``"loss"``. The logbook's hypervolume and the
+    Pareto plot measure plans against it."""
+    if metric == "loss":
+        return -math.log(max(2, int(num_classes)))
+    return 0.0
+
+
 class EvaluationError(EvoPruneError):
     """A fitness call failed (or gave NaN). The message names the plan, the process and the traceback."""
 
@@ -47,7 +61,7 @@ class FitnessConfig:
     batch_size: int = 500
     mode: str = "auto"  # "auto", "masked" or "physical"
     physical_below: float = 0.6  # auto: prune physically when the plan keeps less than this fraction of MACs
-    on_error: str = "raise"  # "raise" (fail fast) or "worst" (score as worst, log, continue)
+    on_error: str = "raise"  # "raise" (fail fast) or "worst" (score WORST_SCORE = -inf at full MACs, warn, continue)
     threads: int | None = None  # torch threads per SCOOP worker (default 1); None leaves serial runs alone
     device: str = "cpu"
     finetune_steps: int = 0  # >0: distil the unpruned model into each plan for this many steps before scoring
@@ -180,7 +194,7 @@ class _Worker:
                 import warnings
                 warnings.warn(f"fitness failed for {summary} ({type(exc).__name__}: {exc}); scored as worst",
                               stacklevel=2)
-                result = (-1.0, float(self.space.base_macs))
+                result = (WORST_SCORE, float(self.space.base_macs))
                 self.cache[key] = result
                 return result
             if isinstance(exc, PlanError):

@@ -90,8 +90,9 @@ def mut_guided(individual, layout: Layout, ranks: Sequence[np.ndarray], indpb: f
 
 
 def _binomial(n: int, p: float) -> int:
-    return sum(1 for _ in range(n) if random.random() < p) if n < 64 else \
-        min(n, max(0, round(random.gauss(n * p, math.sqrt(max(n * p * (1 - p), 1e-12))))))
+    """A Binomial(n, p) draw from numpy's exact sampler, seeded from Python's ``random`` (DEAP's source of
+    randomness), so that ``random.seed`` alone still makes the operators reproducible."""
+    return int(np.random.default_rng(random.getrandbits(64)).binomial(n, p))
 
 
 # ---------------------------------------------------------------------------------------------------- repair

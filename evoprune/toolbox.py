@@ -1,8 +1,9 @@
 """The DEAP face of evoprune: register chromosome types and operators on a ``deap.base.Toolbox``.
 
-After ``register(toolbox, space, evaluate)`` the toolbox has ``individual``, ``population``, ``mate``, ``mutate``,
-``select``, ``evaluate`` and ``map``, so stock DEAP algorithms (``algorithms.eaSimple``, ``eaMuPlusLambda``) or a
-loop of your own work unchanged. ``mate`` and ``mutate`` are decorated with :func:`evoprune.operators.repair`, so
+After ``register(toolbox, space, evaluate, macs_budget=...)`` the toolbox has ``individual``, ``population``,
+``mate``, ``mutate``, ``select``, ``evaluate``, ``map`` and ``repair``, so stock DEAP algorithms
+(``algorithms.eaSimple``, ``eaMuPlusLambda``) or a loop of your own work unchanged. ``individual`` (hence
+``population``), ``mate`` and ``mutate`` are decorated with :func:`evoprune.operators.repair`, so new individuals and
 offspring always respect ``min_keep``, ``round_to`` and the budget.
 
 Creator types (made once, guarded, shared by every toolbox):
@@ -47,13 +48,13 @@ def parallel_map() -> Callable:
     return map
 
 
-def _with_repair(space, ranks, macs_budget, params_budget, fill):
-    """A DEAP decorator: repair every individual an operator returns."""
+def _with_repair(space, ranks, macs_budget, params_budget, fill, *, single=False):
+    """A DEAP decorator: repair every individual an operator returns (a tuple of them, or one with ``single``)."""
     def decorator(op):
         @functools.wraps(op)
         def wrapper(*args, **kwargs):
             out = op(*args, **kwargs)
-            for ind in out:
+            for ind in ((out,) if single else out):
                 ops.repair(ind, space, ranks, macs_budget=macs_budget, params_budget=params_budget, fill=fill)
             return out
         return wrapper
@@ -61,7 +62,7 @@ def _with_repair(space, ranks, macs_budget, params_budget, fill):
 
 
 def register(toolbox: base.Toolbox, space: PruningSpace, evaluate: Callable, *, p_c: float = 0.6,
-             p_mut: float = 0.6, objective: str = "nsga2", elites: int = 5, macs_budget: float | None = None,
+             p_mut: float = 0.6, objective: str = "budget", elites: int = 5, macs_budget: float | None = None,
              params_budget: float | None = None, importance: dict | None = None, crossover: str = "paper",
              mutation: str = "guided", indpb: float | None = None, conn_indpb: float | None = None,
              init: str = "importance", keep_range=(0.2, 1.0), init_spread: float = 0.3, init_global: float = 0.25,
@@ -69,9 +70,10 @@ def register(toolbox: base.Toolbox, space: PruningSpace, evaluate: Callable, *, 
              seed: int | None = None) -> base.Toolbox:
     """Register evoprune's chromosome types and operators on ``toolbox`` and return it.
 
-    ``objective``: ``"nsga2"`` (Pareto over score and MACs, ``tools.selNSGA2``), ``"topk"`` (truncation, the paper's
-    K elites) or ``"budget"`` (maximise the score subject to ``macs_budget``; infeasible plans rank below every
-    feasible one and the repair step shrinks offspring into the budget). ``p_c`` sets the crossover cut point of
+    ``objective``: ``"budget"`` (the default, as in :func:`evoprune.search`: maximise the score subject to
+    ``macs_budget`` or ``params_budget``, which it needs; infeasible plans rank below every feasible one and the repair
+    step shrinks individuals into the budget), ``"nsga2"`` (Pareto over score and MACs, ``tools.selNSGA2``; a budget
+    is optional) or ``"topk"`` (truncation, the paper's K elites). ``p_c`` sets the crossover cut point of
     the paper's operator; ``p_mut`` is the per-individual mutation probability, exposed as ``toolbox.p_mut`` for
     your loop (pass it as ``mutpb`` to stock DEAP algorithms). ``importance``: ``{group: scores}`` from
     :func:`evoprune.importance.channel_importance`; without it the guided operators fall back to random ranks.
@@ -86,8 +88,6 @@ def register(toolbox: base.Toolbox, space: PruningSpace, evaluate: Callable, *, 
     p_mut = ops.check_probability("p_mut", p_mut)
     if objective not in OBJECTIVES:
         raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
-    if objective == "budget" and macs_budget is None and params_budget is None:
-        raise ConfigError("objective='budget' needs macs_budget (or params_budget)")
     if crossover not in ("paper", "uniform"):
         raise ConfigError(f"crossover must be 'paper' or 'uniform', got {crossover!r}")
     if mutation not in ("guided", "bitflip"):
@@ -96,6 +96,9 @@ def register(toolbox: base.Toolbox, space: PruningSpace, evaluate: Callable, *, 
         raise ConfigError(f"init must be 'importance' or 'random', got {init!r}")
     if not isinstance(elites, int) or elites < 1:
         raise ConfigError(f"elites must be a positive int, got {elites!r}")
+    if objective == "budget" and macs_budget is None and params_budget is None:
+        raise ConfigError("objective='budget' (the default) needs macs_budget or params_budget, e.g. "
+                          "macs_budget=0.25 * space.base_macs; or pass objective='nsga2' for a Pareto front")
     if seed is not None:
         random.seed(seed)
         np.random.seed(seed % 2**32)
@@ -120,6 +123,8 @@ def register(toolbox: base.Toolbox, space: PruningSpace, evaluate: Callable, *, 
                          p_global=init_global)
     else:
         toolbox.register("individual", ops.init_random, individual_cls, layout, keep_range)
+    fill = fill if objective == "budget" else None
+    toolbox.decorate("individual", _with_repair(space, ranks, macs_budget, params_budget, fill, single=True))
     toolbox.register("population", tools.initRepeat, list, toolbox.individual)
     if crossover == "paper":
         toolbox.register("mate", ops.cx_paper, layout=layout, p_c=p_c)
@@ -129,7 +134,6 @@ def register(toolbox: base.Toolbox, space: PruningSpace, evaluate: Callable, *, 
         toolbox.register("mutate", ops.mut_guided, layout=layout, ranks=ranks, indpb=indpb, conn_indpb=conn_indpb)
     else:
         toolbox.register("mutate", ops.mut_bitflip, indpb=indpb)
-    fill = fill if objective == "budget" else None
     repair = _with_repair(space, ranks, macs_budget, params_budget, fill)
     toolbox.decorate("mate", repair)
     toolbox.decorate("mutate", repair)

@@ -19,7 +19,7 @@ from deap import algorithms, base, tools
 import evoprune
 import evoprune.toolbox
 from evoprune.data import normalize, synthetic
-from evoprune.fitness import Evaluator, recalibrate_bn
+from evoprune.fitness import recalibrate_bn
 from evoprune.importance import channel_importance
 from evoprune.models import tiny_cnn
 from evoprune.train import evaluate, train
@@ -64,13 +64,13 @@ def main(argv=None) -> int:
     example = score_x[:1]
     space = evoprune.PruningSpace.from_model(model, example)
     print(space)
-    evaluator = Evaluator(model, space, score_x, score_y, recal_x)
+    evaluator = evoprune.Evaluator(model, space, score_x, score_y, recal_x)
 
     # 3. Your own DEAP toolbox; evoprune registers individual, population, mate, mutate, select, evaluate, map.
     toolbox = base.Toolbox()
-    evoprune.toolbox.register(toolbox, space, evaluator, objective="nsga2",
-                              importance=channel_importance(model, space, example), seed=args.seed)
-    pop = [toolbox.repair(ind)[0] for ind in toolbox.population(n=args.mu)]
+    evoprune.register(toolbox, space, evaluator, objective="nsga2",
+                      importance=channel_importance(model, space, example), seed=args.seed)
+    pop = toolbox.population(n=args.mu)  # already repaired (min_keep, round_to, budget), like every offspring
 
     stats = tools.Statistics(lambda ind: ind.fitness.values)
     stats.register("best_score", lambda fits: max(f[0] for f in fits))

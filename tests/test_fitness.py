@@ -100,7 +100,34 @@ def test_nan_loss_fails_fast_or_scores_worst_by_policy(setup, monkeypatch):
     lenient = Evaluator(model, space, x, y, recal, FitnessConfig(on_error="worst"))
     with pytest.warns(UserWarning, match="scored as worst"):
         score, macs = lenient(uniform(space, imp, 0.8))
-    assert score == -1.0 and macs == space.base_macs
+    assert score == fit.WORST_SCORE and macs == space.base_macs
+
+
+@pytest.mark.parametrize("metric", ["top1", "loss"])
+def test_a_failed_plan_scores_below_every_real_plan_and_never_wins_a_selection(setup, monkeypatch, metric):
+    """Under metric="loss" real scores are minus a loss (about -2.3 at chance): the worst score must still lose."""
+    from evoprune import operators as ops
+    from evoprune.toolbox import creator_types
+    model, space, imp, x, y, recal = setup
+    cfg = FitnessConfig(metric=metric, on_error="worst")
+    ev = Evaluator(model, space, x, y, recal, cfg)
+    _, ind_cls = creator_types()
+    real = [ind_cls(uniform(space, imp, keep)) for keep in (0.1, 0.2, 0.9)]
+    for ind in real:
+        ind.fitness.values = ev(ind)
+    worst_real = min(ind.fitness.values[0] for ind in real)
+    real_score = fit._Worker._score_plan
+    crashed = ind_cls(uniform(space, imp, 0.05))
+    monkeypatch.setattr(fit._Worker, "_score_plan", lambda self, plan, macs: (_ for _ in ()).throw(OSError("x")))
+    with pytest.warns(UserWarning, match="scored as worst"):
+        crashed.fitness.values = Evaluator(model, space, x, y, recal, cfg)(crashed)
+    monkeypatch.setattr(fit._Worker, "_score_plan", real_score)
+    assert crashed.fitness.values[0] < worst_real
+    pop = real + [crashed]
+    assert crashed not in ops.sel_topk(pop, len(real))
+    assert crashed not in ops.sel_budget(pop, len(real), budget=space.base_macs)
+    # NSGA-II: the crashed plan (worst score at full MACs) is dominated, so it is the one left out
+    assert all(ind is not crashed for ind in ops.sel_nsga2(pop, len(real)))
 
 
 def test_malformed_individuals_raise_plan_errors(setup):

@@ -100,6 +100,21 @@ def test_mutation_is_applied_with_probability_p_mut_per_child(setup):
     assert abs(len(calls) / 2000 - 0.6) < 0.04  # binomial sd ~ 0.011
 
 
+def test_binomial_draws_follow_the_exact_distribution_at_small_n_p():
+    """The default guided mutation flips about 3 of 512 channels: the count must be Binomial(512, 3/512), whose
+    zero probability (about 5 %) a Gaussian approximation gets badly wrong."""
+    from math import comb
+    n, p, draws = 512, 3 / 512, 20000
+    random.seed(0)
+    counts = np.bincount([ops._binomial(n, p) for _ in range(draws)], minlength=12)[:12] / draws
+    exact = np.array([comb(n, k) * p ** k * (1 - p) ** (n - k) for k in range(12)])
+    assert np.abs(counts - exact).max() < 0.015, (counts, exact)
+    random.seed(5)
+    a = [ops._binomial(n, p) for _ in range(10)]
+    random.seed(5)
+    assert [ops._binomial(n, p) for _ in range(10)] == a  # Python's random.seed alone reproduces the draws
+
+
 def test_guided_mutation_prefers_low_importance_off_and_high_importance_on():
     random.seed(0)
     layout = Layout(("g",), (40,), ())

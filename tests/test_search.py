@@ -124,6 +124,81 @@ def test_stock_deap_eaMuPlusLambda_runs_with_the_registered_toolbox(trained):
     assert all(0 <= s <= 1 and 0 < m <= space.base_macs for s, m in values)
 
 
+@pytest.mark.parametrize("space_kwargs", [{"connections": False}, {"min_keep": 2, "round_to": 2}])
+def test_resume_after_a_finished_round_keeps_non_default_space_options(trained, tmp_path, space_kwargs):
+    """A resumed run rebuilds the finished rounds' models with the run's own space options (it used the defaults,
+    and then refused its own plans as 'made for another pruning space')."""
+    model, x, y, recal, _ = trained
+    connections = space_kwargs.pop("connections", True)
+    kwargs = dict(recal_x=recal[:2], rounds=2, generations=1, population=4, elites=2, target=0.4, seed=3,
+                  connections=connections, space_kwargs=space_kwargs, checkpoint_dir=str(tmp_path),
+                  verbose=False, progress=False)
+    first = search(model, x[:1], x[:200], y[:200], **kwargs)
+    again = search(model, x[:1], x[:200], y[:200], **kwargs)  # resumes the finished search
+    assert again.plans == first.plans and again.rows == first.rows
+    assert {k: v.shape for k, v in again.model.state_dict().items()} == \
+        {k: v.shape for k, v in first.model.state_dict().items()}
+    assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(),
+                                                  first.model.state_dict().values()))
+
+
+def test_logbook_hypervolume_and_scores_under_the_loss_metric(trained):
+    """Scores are minus a loss under metric="loss"; the hypervolume is measured from the chance-level loss, so it
+    is positive whenever a plan beats chance (it was always 0)."""
+    from evoprune.fitness import FitnessConfig
+    model, x, y, recal, _ = trained
+    result = search(model, x[:1], x[:200], y[:200], recal_x=recal[:2], rounds=1, generations=1, population=6,
+                    elites=2, target=0.5, seed=0, fitness=FitnessConfig(metric="loss"), verbose=False,
+                    progress=False)
+    scores = [s for s, _ in result.evaluated[0]]
+    assert all(s < 0 for s in scores)
+    assert max(scores) > -np.log(4)  # a 4-class model pruned to half its MACs beats chance
+    assert all(rec["hv"] > 0 for rec in result.logbook)
+
+
+def test_hypervolume_is_measured_from_the_metric_reference_point():
+    from evoprune.evolve import hypervolume
+    from evoprune.fitness import WORST_SCORE, reference_score
+    _, ind_cls = creator_types()
+
+    def ind(score, macs):
+        i = ind_cls([1])
+        i.fitness.values = (score, macs)
+        return i
+    ref = reference_score("loss", 4)
+    assert ref == pytest.approx(-np.log(4))
+    # one plan at loss 0.5 and half the MACs dominates the box (ln 4 - 0.5) x (1 - 0.5)
+    assert hypervolume([ind(-0.5, 50.0)], 100.0, ref) == pytest.approx((np.log(4) - 0.5) * 0.5)
+    # a plan worse than chance, a crashed plan and a full-size plan add nothing
+    assert hypervolume([ind(-0.5, 50.0), ind(-3.0, 10.0), ind(WORST_SCORE, 100.0), ind(-0.1, 100.0)], 100.0,
+                       ref) == pytest.approx((np.log(4) - 0.5) * 0.5)
+    assert hypervolume([ind(0.8, 25.0)], 100.0, reference_score("top1", 4)) == pytest.approx(0.8 * 0.75)
+
+
+def test_toolbox_population_is_repaired_into_the_budget(trained):
+    """A DEAP user calling toolbox.population() gets individuals inside the budget, as offspring are."""
+    model, x, y, _, _ = trained
+    space = PruningSpace.from_model(model, x[:1], min_keep=2, round_to=2)
+    for objective in ("budget", "nsga2"):
+        toolbox = register(base.Toolbox(), space, lambda ind: (0.0, 0.0), objective=objective,
+                           macs_budget=0.3 * space.base_macs, init="random", seed=1)
+        pop = toolbox.population(12)
+        for ind in pop:
+            assert space.cost_of(ind)[0] <= 0.3 * space.base_macs
+            counts = space.layout.kept_counts(ind)
+            assert all(c >= 2 and (c % 2 == 0 or c == g.size) for c, g in zip(counts, space.groups))
+
+
+def test_register_and_search_share_their_defaults():
+    """One default per setting: objective 'budget' and 4 generations, in register, search and the jobs."""
+    import inspect
+    from evoprune.evolve import SearchConfig
+    from evoprune.job import JobOptions
+    assert inspect.signature(register).parameters["objective"].default == SearchConfig.objective == "budget"
+    assert JobOptions().generations == SearchConfig().generations
+    assert JobOptions().objective == SearchConfig().objective
+
+
 def test_creator_types_are_created_once():
     f1, i1 = creator_types()
     f2, i2 = creator_types()
