@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import re
 import tarfile
+import time
 import warnings
 import zlib
 from concurrent.futures import ProcessPoolExecutor
@@ -27,6 +28,7 @@ import torch
 
 from .errors import ConfigError, DataError
 from .models import CIFAR10_MEAN, CIFAR10_STD
+from .progress import bar, status
 from .storage import torch_save
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -35,6 +37,8 @@ SPLITS = ("train", "val")
 CACHE_VERSION = 1
 #: Below this many files a process pool costs more than it saves.
 POOL_MIN_FILES = 2048
+#: Images decoded per task (and per progress bar update).
+DECODE_CHUNK = 256
 
 ACCEPTED_FORMS = (
     "The data path (--data) must be one of:\n"
@@ -152,7 +156,7 @@ def default_cache_dir() -> Path:
 
 
 def load_cifar10(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None, download: bool = False,
-                 on_corrupt: str = "skip", workers: int | None = None) -> Cifar10:
+                 on_corrupt: str = "skip", workers: int | None = None, progress: bool = True) -> Cifar10:
     """Load CIFAR-10 (or any RGB ImageFolder data) as ``Cifar10(train, val)``, uint8 tensors in memory.
 
     ``path`` is one of the :data:`ACCEPTED_FORMS`. For form 1, torchvision's train set becomes ``train`` and its
@@ -164,6 +168,10 @@ def load_cifar10(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None
     :class:`~evoprune.errors.DataError` naming the file (``on_corrupt="error"``). Layout problems (missing path,
     empty split, class folders that differ between train and val, unsafe archive members) raise ``DataError``
     before any decoding.
+
+    With ``progress`` (the default), reading an archive and decoding show bars on stderr (only when stderr is a
+    terminal, see :mod:`evoprune.progress`), and plain status lines on stderr say what is decoded, where the cache
+    was written, or that it was loaded. ``progress=False`` prints nothing.
     """
     if on_corrupt not in ("skip", "error"):
         raise ConfigError(f"on_corrupt must be 'skip' or 'error', not {on_corrupt!r}")
@@ -171,9 +179,11 @@ def load_cifar10(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
 
     if path.is_file() and path.name.endswith(ARCHIVE_SUFFIXES):
-        return load_image_archive(path, cache_dir=cache_dir, on_corrupt=on_corrupt, workers=workers)
+        return load_image_archive(path, cache_dir=cache_dir, on_corrupt=on_corrupt, workers=workers,
+                                  progress=progress)
     if path.is_dir() and all((path / split).is_dir() for split in SPLITS):
-        return load_image_folder(path, cache_dir=cache_dir, on_corrupt=on_corrupt, workers=workers)
+        return load_image_folder(path, cache_dir=cache_dir, on_corrupt=on_corrupt, workers=workers,
+                                 progress=progress)
     torchvision_root = find_torchvision_root(path)
     if torchvision_root is not None:
         return load_torchvision_cifar10(torchvision_root)
@@ -220,7 +230,7 @@ class SplitFiles(NamedTuple):
 
 
 def load_image_folder(root: Path, *, cache_dir: Path, on_corrupt: str = "skip",
-                      workers: int | None = None) -> Cifar10:
+                      workers: int | None = None, progress: bool = True) -> Cifar10:
     """Form 2: an ImageFolder tree ``root/train/<class>/*`` and ``root/val/<class>/*``, cached after decoding.
 
     The cache key covers the relative path, size and modification time of every image file.
@@ -235,12 +245,14 @@ def load_image_folder(root: Path, *, cache_dir: Path, on_corrupt: str = "skip",
     entry = cache_entry(cache_dir, root, fingerprint)
     cached = read_cache(entry, on_corrupt)
     if cached is not None:
+        if progress:
+            status(f"evoprune: loaded {describe(cached)} of {root} from the cache {entry}")
         return cached
-    return decode_splits(splits, entry, on_corrupt=on_corrupt, workers=workers)
+    return decode_splits(splits, entry, on_corrupt=on_corrupt, workers=workers, progress=progress, source=root)
 
 
 def load_image_archive(archive: Path, *, cache_dir: Path, on_corrupt: str = "skip",
-                       workers: int | None = None) -> Cifar10:
+                       workers: int | None = None, progress: bool = True) -> Cifar10:
     """Form 3: a tar archive of an ImageFolder tree, read safely (:func:`read_archive`), decoded and cached.
 
     The cache key is the archive's resolved path, size and modification time.
@@ -250,9 +262,13 @@ def load_image_archive(archive: Path, *, cache_dir: Path, on_corrupt: str = "ski
     entry = cache_entry(cache_dir, archive, [stat.st_size, stat.st_mtime_ns])
     cached = read_cache(entry, on_corrupt)
     if cached is not None:
+        if progress:
+            status(f"evoprune: loaded {describe(cached)} of {archive} from the cache {entry}")
         return cached
-    splits = index_tree(read_archive(archive), archive)
-    return decode_splits(splits, entry, on_corrupt=on_corrupt, workers=workers)
+    if progress:
+        status(f"evoprune: reading {archive} ({stat.st_size / 2**20:.1f} MiB)")
+    splits = index_tree(read_archive(archive, progress=progress), archive)
+    return decode_splits(splits, entry, on_corrupt=on_corrupt, workers=workers, progress=progress, source=archive)
 
 
 #: ``{split: {class name: [(display name, source), ...]}}``, the raw content of an ImageFolder tree.
@@ -273,23 +289,27 @@ def scan_folder(root: Path) -> Tree:
     return tree
 
 
-def read_archive(archive: Path) -> Tree:
+def read_archive(archive: Path, *, progress: bool = False) -> Tree:
     """The image files of a tar archive's ``train/`` and ``val/`` trees, read into memory.
 
     Nothing is extracted to disk, and every member name is checked anyway: an absolute path or a ``..`` component
     makes the archive be refused with :class:`DataError`, since it can only come from a broken or hostile archive.
-    The tree may sit at the top of the archive or inside one top-level folder.
+    The tree may sit at the top of the archive or inside one top-level folder. With ``progress`` a bar over the
+    archive's bytes is drawn on stderr (when it is a terminal).
     """
     files: dict[tuple[str, ...], bytes] = {}
     folders: set[tuple[str, ...]] = set()
     try:
-        with tarfile.open(archive, "r:*") as tar:
+        with open(archive, "rb") as raw, tarfile.open(fileobj=raw, mode="r:*") as tar, \
+                bar(total=os.fstat(raw.fileno()).st_size, desc="reading archive", unit="B", unit_scale=True,
+                    unit_divisor=1024, enabled=progress) as shown:
             for member in tar:
                 parts = checked_member_parts(archive, member.name)
                 if member.isdir():
                     folders.add(parts)
                 elif member.isfile() and PurePosixPath(member.name).suffix.lower() in IMAGE_EXTENSIONS:
                     files[parts] = tar.extractfile(member).read()
+                shown.update(raw.tell() - shown.n)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         raise DataError(f"{archive}: cannot be read as a tar archive ({type(exc).__name__}: {exc})") from exc
     folders |= {parts[:-1] for parts in files}
@@ -369,23 +389,38 @@ def index_tree(tree: Tree, where: Path) -> dict[str, SplitFiles]:
 # Decoding and the cache
 # ----------------------------------------------------------------------------------------------------------------
 
-def decode_images(sources: Sequence, *, workers: int | None = None) -> list[np.ndarray | str]:
+def decode_images(sources: Sequence, *, workers: int | None = None, progress: bool = False,
+                  desc: str = "decoding") -> list[np.ndarray | str]:
     """Decode images (paths or encoded bytes) to ``H x W x 3`` uint8 arrays, in order.
 
     An unreadable image gives its error message instead of an array. ``workers`` processes share the work
     (default: one per CPU when there are at least :data:`POOL_MIN_FILES` images, else this process alone).
+    With ``progress`` a bar counting the images (labelled ``desc``) is drawn on stderr when it is a terminal.
     """
     sources = [str(s) if isinstance(s, os.PathLike) else s for s in sources]
     if workers is None:
         workers = (os.cpu_count() or 1) if len(sources) >= POOL_MIN_FILES else 1
-    if workers <= 1 or len(sources) < 2:
-        return decode_chunk(sources)
-    size = -(-len(sources) // (workers * 4))
+    pooled = workers > 1 and len(sources) >= 2
+    size = max(1, min(DECODE_CHUNK, -(-len(sources) // (workers * 4)) if pooled else DECODE_CHUNK))
     chunks = [sources[i:i + size] for i in range(0, len(sources), size)]
+    if not pooled:
+        return collect_decoded(map(decode_chunk, chunks), len(sources), progress=progress, desc=desc)
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else None)
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        return [result for part in pool.map(decode_chunk, chunks) for result in part]
+        # map submits every chunk at once, so the workers are forked before the bar is created
+        parts = pool.map(decode_chunk, chunks)
+        return collect_decoded(parts, len(sources), progress=progress, desc=desc)
+
+
+def collect_decoded(parts, total: int, *, progress: bool, desc: str) -> list[np.ndarray | str]:
+    """Concatenate the decoded chunks ``parts`` as they arrive, advancing a bar of ``total`` images."""
+    results: list[np.ndarray | str] = []
+    with bar(total=total, desc=desc, unit="img", enabled=progress) as shown:
+        for part in parts:
+            results += part
+            shown.update(len(part))
+    return results
 
 
 def decode_chunk(sources: Sequence) -> list[np.ndarray | str]:
@@ -402,10 +437,10 @@ def decode_chunk(sources: Sequence) -> list[np.ndarray | str]:
     return results
 
 
-def decode_split(split: str, files: SplitFiles, *, on_corrupt: str,
-                 workers: int | None) -> tuple[ImageSet, list[str]]:
+def decode_split(split: str, files: SplitFiles, *, on_corrupt: str, workers: int | None,
+                 progress: bool = False) -> tuple[ImageSet, list[str]]:
     """Decode one split into an :class:`ImageSet`; also return the names of the files skipped as unreadable."""
-    decoded = decode_images(files.sources, workers=workers)
+    decoded = decode_images(files.sources, workers=workers, progress=progress, desc=f"decoding {split}")
     kept, labels, skipped = [], [], []
     for name, label, result in zip(files.names, files.labels, decoded):
         if isinstance(result, str):
@@ -426,15 +461,38 @@ def decode_split(split: str, files: SplitFiles, *, on_corrupt: str,
     return ImageSet(images, torch.tensor(labels, dtype=torch.int64), files.classes), skipped
 
 
-def decode_splits(splits: dict[str, SplitFiles], entry: Path, *, on_corrupt: str,
-                  workers: int | None) -> Cifar10:
-    """Decode train and val, warn about skipped files, and cache both under ``entry``."""
-    decoded = {split: decode_split(split, splits[split], on_corrupt=on_corrupt, workers=workers)
+def decode_splits(splits: dict[str, SplitFiles], entry: Path, *, on_corrupt: str, workers: int | None,
+                  progress: bool = False, source: Path | None = None) -> Cifar10:
+    """Decode train and val, warn about skipped files, and cache both under ``entry``.
+
+    With ``progress``, a status line on stderr announces the decoding (of ``source``), bars count the images, and
+    a last status line says where the result was cached (or that it could not be).
+    """
+    start = time.perf_counter()
+    if progress:
+        counts = ", ".join(f"{len(splits[split].names)} {split}" for split in SPLITS)
+        status(f"evoprune: decoding {sum(len(f.names) for f in splits.values())} images ({counts}) of "
+               f"{source or entry.name}; done once, then read from the cache")
+    decoded = {split: decode_split(split, splits[split], on_corrupt=on_corrupt, workers=workers, progress=progress)
                for split in SPLITS}
+    cached = True
     for split, (imageset, skipped) in decoded.items():
         warn_skipped(split, skipped)
-        write_cache(entry / f"{split}.pt", imageset, skipped)
-    return Cifar10(decoded["train"][0], decoded["val"][0])
+        cached = write_cache(entry / f"{split}.pt", imageset, skipped) and cached
+    result = Cifar10(decoded["train"][0], decoded["val"][0])
+    if progress:
+        skipped = sum(len(s) for _, s in decoded.values())
+        status(f"evoprune: decoded {describe(result)} in {time.perf_counter() - start:.1f}s"
+               + (f", skipped {skipped} unreadable" if skipped else "")
+               + (f"; cached in {entry}" if cached else "; not cached"))
+    return result
+
+
+def describe(data: Cifar10) -> str:
+    """``50000 train + 10000 val images (3x32x32, 10 classes)``."""
+    shape = "x".join(str(d) for d in data.train.images.shape[1:])
+    return (f"{len(data.train)} train + {len(data.val)} val images ({shape}, "
+            f"{len(data.train.classes)} classes)")
 
 
 def warn_skipped(split: str, skipped: list[str]) -> None:
@@ -449,8 +507,8 @@ def cache_entry(cache_dir: Path, source: Path, fingerprint) -> Path:
     return Path(cache_dir) / f"{stem}-{digest}"
 
 
-def write_cache(path: Path, imageset: ImageSet, skipped: list[str]) -> None:
-    """Save a decoded split atomically; a cache that cannot be written only costs a warning."""
+def write_cache(path: Path, imageset: ImageSet, skipped: list[str]) -> bool:
+    """Save a decoded split atomically; a cache that cannot be written only costs a warning (and returns False)."""
     payload = {"version": CACHE_VERSION, "images": imageset.images, "labels": imageset.labels,
                "classes": imageset.classes, "skipped": skipped}
     try:
@@ -458,6 +516,8 @@ def write_cache(path: Path, imageset: ImageSet, skipped: list[str]) -> None:
     except OSError as exc:
         warnings.warn(f"could not write the data cache {path} ({exc}); the next load will decode again",
                       stacklevel=4)
+        return False
+    return True
 
 
 def read_cache(entry: Path, on_corrupt: str) -> Cifar10 | None:

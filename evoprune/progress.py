@@ -38,6 +38,8 @@ def bar(iterable: Iterable[T] | None = None, *, total: int | None = None, desc: 
 
 def status(message: str) -> None:
     """One status line on stderr that does not break a bar being drawn (tqdm.write), plain text otherwise."""
+    if sys.stderr is None:  # pythonw: print(file=None) would write to stdout
+        return
     if interactive():
         tqdm.write(message, file=sys.stderr)
     else:

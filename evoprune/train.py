@@ -7,9 +7,7 @@ on plain tensors from :func:`evoprune.data.batches`, on CPU or CUDA.
 from __future__ import annotations
 
 import math
-import sys
 import time
-from typing import TextIO
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +15,7 @@ from torch import nn
 
 from .data import ImageSet, batches, num_batches
 from .errors import ConfigError, DataError, ModelError
+from .progress import bar, status
 
 SCHEDULES = ("onecycle", "cosine")
 
@@ -34,6 +33,10 @@ def train(model: nn.Module, train_set: ImageSet, epochs: int, *, val_set: ImageS
     frozen in eval mode. Batches are augmented (random crop with reflect padding, horizontal flip) and shuffled from
     ``seed``. ``max_batches`` caps the batches per epoch (for quick runs). After each epoch ``val_set``, if given, is
     evaluated. ``model`` (and ``teacher``) are moved to ``device``.
+
+    With ``progress`` (the default) each epoch shows a bar over its batches on stderr (loss and accuracy so far as
+    its postfix; only when stderr is a terminal, see :mod:`evoprune.progress`), and ends with one plain summary line
+    on stderr (:func:`epoch_summary`), which a log file keeps. ``progress=False`` prints nothing.
 
     The history has one entry per epoch under ``epoch``, ``train_loss``, ``train_acc``, ``lr`` (at the epoch's end),
     ``seconds`` and, with a ``val_set``, ``val_acc``. Raises :class:`ConfigError` for bad parameters,
@@ -61,7 +64,6 @@ def train(model: nn.Module, train_set: ImageSet, epochs: int, *, val_set: ImageS
     history: dict[str, list[float]] = {"epoch": [], "train_loss": [], "train_acc": [], "lr": [], "seconds": []}
     if val_set is not None:
         history["val_acc"] = []
-    line = ProgressLine(enabled=progress)
     teacher_was_training = teacher.training if teacher is not None else False
 
     try:
@@ -70,34 +72,39 @@ def train(model: nn.Module, train_set: ImageSet, epochs: int, *, val_set: ImageS
         for epoch in range(1, epochs + 1):
             start = time.perf_counter()
             model.train()
-            loss_sum, correct, seen = 0.0, 0, 0
+            loss_sum, correct, seen, done = 0.0, 0, 0, 0
             stream = batches(train_set, batch_size, shuffle=True, generator=generator, augment=True,
                              device=device, drop_last=drop_last)
-            for step, (images, labels) in enumerate(stream, 1):
-                if step > steps:
-                    break
-                logits = model(images)
-                loss = training_loss(logits, labels, teacher, images, label_smoothing=label_smoothing,
-                                     kd_alpha=kd_alpha, kd_temperature=kd_temperature)
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    raise ModelError(f"training loss is {loss_value} at epoch {epoch}, batch {step}/{steps}; "
-                                     f"lower the learning rate (lr={lr}) or check the model and data for NaNs.")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                loss_sum += loss_value * len(labels)
-                correct += int((logits.argmax(1) == labels).sum())
-                seen += len(labels)
-                line.update(f"epoch {epoch}/{epochs}", step, steps, loss_sum / seen, correct / seen, start)
+            with bar(total=steps, desc=f"epoch {epoch}/{epochs}", unit="batch", enabled=progress) as shown:
+                for step, (images, labels) in enumerate(stream, 1):
+                    if step > steps:
+                        break
+                    logits = model(images)
+                    loss = training_loss(logits, labels, teacher, images, label_smoothing=label_smoothing,
+                                         kd_alpha=kd_alpha, kd_temperature=kd_temperature)
+                    loss_value = loss.item()
+                    if not math.isfinite(loss_value):
+                        raise ModelError(f"training loss is {loss_value} at epoch {epoch}, batch {step}/{steps}; "
+                                         f"lower the learning rate (lr={lr}) or check the model and data for NaNs.")
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    scheduler.step()
+                    loss_sum += loss_value * len(labels)
+                    correct += int((logits.argmax(1) == labels).sum())
+                    seen += len(labels)
+                    done = step
+                    if not shown.disable:
+                        shown.set_postfix_str(f"loss {loss_sum / seen:.4f}  acc {correct / seen:.3f}", refresh=False)
+                        shown.update()
             record_epoch(history, epoch, loss_sum / seen, correct / seen, optimizer.param_groups[0]["lr"],
                          time.perf_counter() - start)
             if val_set is not None:
-                history["val_acc"].append(evaluate(model, val_set, device=device))
-            line.finish(epoch_summary(history, epochs))
+                history["val_acc"].append(evaluate(model, val_set, device=device, progress=progress,
+                                                   desc=f"epoch {epoch}/{epochs} val"))
+            if progress:
+                status(epoch_summary(history, epochs, batches=(done, steps)))
     finally:
-        line.close()
         if teacher is not None:
             teacher.train(teacher_was_training)
     return history
@@ -112,9 +119,13 @@ def finetune(pruned: nn.Module, train_set: ImageSet, epochs: int, *, teacher: nn
     return train(pruned, train_set, epochs, teacher=teacher, lr=lr, schedule=schedule, **kwargs)
 
 
-def evaluate(model: nn.Module, imageset: ImageSet, *, batch_size: int = 256,
-             device: str | torch.device = "cpu") -> float:
-    """Top-1 accuracy of ``model`` on ``imageset`` (in eval mode; the model's training flag is restored)."""
+def evaluate(model: nn.Module, imageset: ImageSet, *, batch_size: int = 256, device: str | torch.device = "cpu",
+             progress: bool = True, desc: str = "evaluate") -> float:
+    """Top-1 accuracy of ``model`` on ``imageset`` (in eval mode; the model's training flag is restored).
+
+    With ``progress`` a bar over the batches (labelled ``desc``) is drawn on stderr while stderr is a terminal; it
+    is cleared when done, and nothing is printed otherwise.
+    """
     check_nonempty(imageset, "imageset")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, not {batch_size}")
@@ -124,9 +135,11 @@ def evaluate(model: nn.Module, imageset: ImageSet, *, batch_size: int = 256,
     model.eval()
     correct = 0
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), bar(total=num_batches(imageset, batch_size), desc=desc, unit="batch",
+                                         enabled=progress) as shown:
             for images, labels in batches(imageset, batch_size, device=device):
                 correct += int((model(images).argmax(1) == labels).sum())
+                shown.update()
     finally:
         model.train(was_training)
     return correct / len(imageset)
@@ -208,55 +221,24 @@ def record_epoch(history: dict[str, list[float]], epoch: int, loss: float, acc: 
         history[key].append(value)
 
 
-def epoch_summary(history: dict[str, list[float]], epochs: int) -> str:
-    text = (f"epoch {history['epoch'][-1]}/{epochs}  loss {history['train_loss'][-1]:.4f}  "
-            f"acc {history['train_acc'][-1]:.3f}")
+def epoch_summary(history: dict[str, list[float]], epochs: int, *, batches: tuple[int, int] | None = None) -> str:
+    """The plain one-line result of the last epoch in ``history``, e.g.
+    ``epoch 2/5  batch 390/390  loss 0.5123  acc 0.842  lr 0.0412  val 0.8610  31.2s`` (``batches`` is
+    ``(done, total)``; the time is the training part of the epoch)."""
+    text = f"epoch {history['epoch'][-1]}/{epochs}"
+    if batches is not None:
+        text += f"  batch {batches[0]}/{batches[1]}"
+    text += (f"  loss {history['train_loss'][-1]:.4f}  acc {history['train_acc'][-1]:.3f}  "
+             f"lr {history['lr'][-1]:.3g}")
     if "val_acc" in history:
         text += f"  val {history['val_acc'][-1]:.4f}"
-    return text + f"  {history['seconds'][-1]:.1f}s"
-
-
-class ProgressLine:
-    """A one-line progress display on stderr, rewritten in place with ``\\r`` at most ``rate`` times a second."""
-
-    def __init__(self, *, enabled: bool = True, stream: TextIO | None = None, rate: float = 5.0):
-        self.enabled = enabled
-        self.stream = stream if stream is not None else sys.stderr
-        self.interval = 1.0 / rate
-        self.last_shown = -math.inf
-        self.width = 0
-
-    def update(self, label: str, step: int, total: int, loss: float, acc: float, started: float) -> None:
-        now = time.perf_counter()
-        if not self.enabled or (now - self.last_shown < self.interval and step < total):
-            return
-        self.last_shown = now
-        eta = (now - started) / step * (total - step)
-        self.show(f"{label}  batch {step}/{total}  loss {loss:.4f}  acc {acc:.3f}  eta {format_seconds(eta)}")
-
-    def finish(self, text: str) -> None:
-        """Replace the line with ``text`` and move to a new line."""
-        if self.enabled:
-            self.show(text)
-            self.stream.write("\n")
-            self.stream.flush()
-            self.width = 0
-
-    def close(self) -> None:
-        """End a line left half-written (after an error)."""
-        if self.enabled and self.width:
-            self.stream.write("\n")
-            self.stream.flush()
-            self.width = 0
-
-    def show(self, text: str) -> None:
-        self.stream.write("\r" + text.ljust(self.width))
-        self.stream.flush()
-        self.width = len(text)
+    return text + f"  {format_seconds(history['seconds'][-1])}"
 
 
 def format_seconds(seconds: float) -> str:
-    """``m:ss`` or ``h:mm:ss``."""
+    """``12.3s`` under a minute, else ``m:ss`` or ``h:mm:ss``."""
+    if seconds < 59.95:
+        return f"{seconds:.1f}s"
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"

@@ -120,6 +120,50 @@ def test_process_pool_decodes_like_one_process(tree):
     assert all(np.array_equal(a, b) for a, b in zip(pooled[:-1], single[:-1]))
 
 
+@pytest.mark.parametrize("form", ["tree", "archive"])
+def test_loading_off_a_terminal_leaves_plain_status_lines(tree, cache, tmp_path, capfd, monkeypatch, form):
+    """With stderr not a terminal (a log file): no bars, one line before and one after decoding (what, how many,
+    where it is cached), one line for a load from the cache; no carriage return or escape; nothing on stdout."""
+    monkeypatch.delenv("EVOPRUNE_PROGRESS", raising=False)
+    source = tree if form == "tree" else make_archive(tree, tmp_path / "data.tar.gz")
+    load_cifar10(source, cache_dir=cache)
+    out, err = capfd.readouterr()
+    assert out == "" and "\r" not in err and "\x1b" not in err
+    entry = next(cache.iterdir())
+    expected = [f"evoprune: reading {source}"] if form == "archive" else []
+    expected += [f"evoprune: decoding 24 images (18 train, 6 val) of {source}",
+                 "evoprune: decoded 18 train + 6 val images (3x16x16, 3 classes) in "]
+    lines = err.splitlines()
+    assert len(lines) == len(expected) and all(line.startswith(e) for line, e in zip(lines, expected)), err
+    assert lines[-1].endswith(f"s; cached in {entry}")
+
+    load_cifar10(source, cache_dir=cache)
+    assert capfd.readouterr() == (
+        "", f"evoprune: loaded 18 train + 6 val images (3x16x16, 3 classes) of {source} from the cache {entry}\n")
+    load_cifar10(source, cache_dir=tmp_path / "other", progress=False)
+    load_cifar10(source, cache_dir=tmp_path / "other", progress=False)
+    assert capfd.readouterr() == ("", "")
+
+
+def test_decoding_draws_bars_when_forced(tree, cache, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("EVOPRUNE_PROGRESS", "1")
+    load_cifar10(make_archive(tree, tmp_path / "data.tar.gz"), cache_dir=cache)
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "\r" in err and "reading archive" in err and "decoding train" in err and "decoding val" in err
+    assert "/18 [" in err and "/6 [" in err and "img/s" in err  # image counts (redraws are rate-limited)
+    assert "cached in" in err and "\x1b" not in err
+
+
+def test_process_pool_decoding_counts_images_in_its_bar(tree, capsys, monkeypatch):
+    monkeypatch.setenv("EVOPRUNE_PROGRESS", "1")
+    files = sorted((tree / "train").glob("*/*.png"))
+    pooled = data.decode_images(files, workers=2, progress=True, desc="pooled")
+    assert all(np.array_equal(a, b) for a, b in zip(pooled, data.decode_images(files, workers=1)))
+    out, err = capsys.readouterr()
+    assert out == "" and "pooled" in err and "/18 [" in err
+
+
 def test_torchvision_layout_is_read_with_train_and_test(tmp_path, monkeypatch):
     class FakeCIFAR10:
         def __init__(self, root, train, download):

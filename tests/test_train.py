@@ -1,5 +1,7 @@
 """Training, distillation fine-tuning and evaluation on small synthetic, colour-coded data."""
 import copy
+import functools
+import re
 
 import pytest
 import torch
@@ -104,16 +106,53 @@ def test_same_seed_same_run(train_set):
     assert runs[0]["train_loss"] == runs[1]["train_loss"]
 
 
-def test_max_batches_and_progress_line(train_set, capsys):
+def test_max_batches_and_plain_epoch_lines_off_a_terminal(train_set, val_set, capfd, monkeypatch):
+    """With stderr not a terminal (a log file), no bar is drawn: each epoch leaves one plain summary line on stderr,
+    with no carriage return or terminal escape, and nothing goes to stdout."""
+    monkeypatch.delenv("EVOPRUNE_PROGRESS", raising=False)
     model = fresh_model()
     calls = []
     model.register_forward_hook(lambda module, args, out: calls.append(module.training))
-    train(model, train_set, 2, batch_size=32, max_batches=3, progress=True)
-    assert calls == [True] * 6
-    err = capsys.readouterr().err
-    assert "\r" in err and "epoch 2/2" in err and "batch 3/3" in err and "eta" in err
+    history = train(model, train_set, 2, val_set=val_set, batch_size=32, max_batches=3, progress=True)
+    assert calls == [True] * 3 + [False] * 1 + [True] * 3 + [False] * 1  # 3 batches, then val (128 < 256: one)
+    finetune(model, train_set, 1, teacher=fresh_model(1), batch_size=32, max_batches=2)
+    evaluate(model, val_set)
+    out, err = capfd.readouterr()
+    assert out == ""
+    assert "\r" not in err and "\x1b" not in err
+    lines = err.splitlines()
+    assert len(lines) == 3, err
+    for line, epoch, batches in zip(lines, ("1/2", "2/2", "1/1"), ("3/3", "3/3", "2/2")):
+        assert line.startswith(f"epoch {epoch}  batch {batches}  loss ")
+        assert " acc " in line and " lr " in line and line.endswith("s")
+    assert f"val {history['val_acc'][0]:.4f}" in lines[0] and f"val {history['val_acc'][1]:.4f}" in lines[1]
+    assert "val" not in lines[2]
     train(model, train_set, 1, batch_size=32, max_batches=1, progress=False)
-    assert capsys.readouterr().err == ""
+    assert capfd.readouterr() == ("", "")
+
+
+def test_bars_are_drawn_when_forced(train_set, val_set, capsys, monkeypatch):
+    """EVOPRUNE_PROGRESS=1 draws tqdm bars on stderr (batches, with loss and accuracy), still never on stdout;
+    progress=False still prints nothing."""
+    import evoprune.progress
+    import evoprune.train
+    monkeypatch.setenv("EVOPRUNE_PROGRESS", "1")
+    monkeypatch.setattr(evoprune.train, "bar", functools.partial(evoprune.progress.bar, mininterval=0))
+    model = fresh_model()
+    train(model, train_set, 1, val_set=val_set, batch_size=32, max_batches=2)
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "\r" in err and "epoch 1/1" in err and "2/2" in err and "batch/s" in err
+    assert re.search(r"loss \d\.\d{4}  acc \d\.\d{3}", err)  # the postfix
+    assert "epoch 1/1 val" in err  # the validation bar
+    # the summary line is written after the bar was cleared (at the start of the line, ended by a newline)
+    assert any(re.fullmatch(r"epoch 1/1  batch 2/2  loss .* val \S+  \S+s\n", part) for part in err.split("\r"))
+    evaluate(model, val_set, batch_size=32)
+    out, err = capsys.readouterr()
+    assert out == "" and "evaluate" in err and "4/4" in err
+    train(model, train_set, 1, batch_size=32, max_batches=1, progress=False)
+    evaluate(model, val_set, progress=False)
+    assert capsys.readouterr() == ("", "")
 
 
 @pytest.mark.parametrize("kwargs", [
