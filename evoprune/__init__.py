@@ -4,7 +4,8 @@ model -> :class:`PruningSpace` (what can be pruned) -> individuals (neuron + con
 -> :func:`register` (DEAP toolbox) -> :class:`Evaluator` (fitness) -> :func:`search` -> :func:`apply_plan` (torch-pruning surgery) -> :func:`export`.
 """
 from ._version import __version__
-from .errors import CheckpointError, ConfigError, DataError, EvoPruneError, ModelError, PlanError
+from .errors import (CheckpointError, ConfigError, DataError, EvoPruneError, ModelError, PlanError,
+                     UntraceableWarning)
 from .evolve import SearchConfig, SearchResult, search
 from .export import export, model_card
 from .fitness import Evaluator, FitnessConfig
@@ -16,6 +17,7 @@ from .toolbox import register
 
 __all__ = [
     "__version__", "EvoPruneError", "PlanError", "ConfigError", "DataError", "ModelError", "CheckpointError",
+    "UntraceableWarning",
     "PruningSpace", "ChannelGroup", "ConnectionUnit", "Layout", "PruningPlan", "apply_plan", "masked", "export",
     "model_card", "register", "search", "SearchConfig", "SearchResult", "Evaluator", "FitnessConfig",
 ]

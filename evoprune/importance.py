@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from . import trace
 from .errors import ConfigError
 from .space import PruningSpace
 
@@ -47,8 +48,7 @@ def channel_importance(model: nn.Module, space: PruningSpace, example_inputs: to
         imp = tp.importance.BNScaleImportance()
     else:
         imp = tp.importance.GroupMagnitudeImportance(p=1 if kind == "l1" else 2)
-    with torch.enable_grad():
-        dg = tp.DependencyGraph().build_dependency(work, example_inputs, verbose=False)
+    dg = trace.build(work, example_inputs).graph  # survives what torch-pruning cannot map (see trace.py)
     modules = dict(work.named_modules())
     scores = {}
     for g in space.groups:

@@ -17,6 +17,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -26,7 +27,8 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from .cost import Call, CostModel, Param, call_attrs, counter_kind
-from .errors import ConfigError, ModelError, PlanError
+from . import trace
+from .errors import ConfigError, ModelError, PlanError, UntraceableWarning
 from .genome import Layout
 from .plan import PruningPlan
 
@@ -116,18 +118,24 @@ class PruningSpace:
         work = copy.deepcopy(model).eval()
         work_modules = dict(work.named_modules())
         reference = check_forward(work, example_inputs)
-        try:
-            with torch.enable_grad():  # torch-pruning traces through autograd
-                dg = tp.DependencyGraph().build_dependency(
-                    work, example_inputs, verbose=False)  # ignored layers: get_all_groups only (else untraced)
+        try:  # ignored layers: get_all_groups only (else untraced); untraceable parts: see trace.py
+            traced = trace.build(work, example_inputs)
         except Exception as exc:
             raise ModelError(f"torch-pruning cannot trace {type(model).__name__} on inputs of shape "
                              f"{tuple(example_inputs.shape)} ({type(exc).__name__}: {exc}). Try another input size, "
                              "or pass the offending layers in ignored_layers.") from None
+        dg = traced.graph
         order = {n: i for i, n in enumerate(work_modules)}
         wnames = {m: n for n, m in work_modules.items()}
         output_producers = _output_producers(work, example_inputs)
-        groups, roots = _discover_groups(dg, work, wnames, order, ignored_names, output_producers)
+        groups, roots, left_out = _discover_groups(traced, work, wnames, order, ignored_names, output_producers)
+        if left_out:  # groups reaching ops torch-pruning cannot map: left out whole, never pruned
+            message = trace.describe(type(model).__name__, *left_out)
+            if not groups:
+                raise ModelError(f"{message}. Nothing prunable remains for inputs of shape "
+                                 f"{tuple(example_inputs.shape)}.")
+            warnings.warn(f"{message}. The other {len(groups)} group(s) are pruned.", UntraceableWarning,
+                          stacklevel=2)
         units = _discover_units(work, example_inputs, groups) if connections else []
         if not groups:
             raise ModelError(
@@ -372,8 +380,11 @@ def _output_producers(model, x) -> set[str]:
     return found
 
 
-def _discover_groups(dg, work, wnames, order, ignored_names, output_producers):
-    groups, roots = [], {}
+def _discover_groups(traced, work, wnames, order, ignored_names, output_producers):
+    """The usable groups in network order, their root modules, and ``(untraceable ops, layers)`` left out because
+    their group reaches an op torch-pruning cannot map (None when there are none)."""
+    dg = traced.graph
+    groups, roots, hit, left_out = [], {}, {}, []
     ignored = [dict(work.named_modules())[n] for n in ignored_names]
     for grp in dg.get_all_groups(ignored_layers=ignored, root_module_types=(nn.modules.conv._ConvNd, nn.Linear)):
         usable, members, consumers = True, [], []
@@ -403,10 +414,16 @@ def _discover_groups(dg, work, wnames, order, ignored_names, output_producers):
         size = dg.get_out_channels(dict(work.named_modules())[root])
         if size is None or size < 2:
             continue
+        touched = traced.touches(grp)
+        if touched:
+            hit.update((id(u.node), u) for u in touched)
+            left_out.extend(m for m in members if isinstance(work.get_submodule(m), (nn.modules.conv._ConvNd,
+                                                                                      nn.Linear)))
+            continue
         groups.append(ChannelGroup(root, int(size), tuple(members), tuple(consumers)))
         roots[root] = dict(work.named_modules())[root]
     groups.sort(key=lambda g: order[g.name])
-    return groups, roots
+    return groups, roots, (list(hit.values()), sorted(set(left_out), key=order.get)) if left_out else None
 
 
 def _discover_units(work, x, groups) -> list[ConnectionUnit]:

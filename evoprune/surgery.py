@@ -12,8 +12,8 @@ from typing import Iterator
 
 import torch
 import torch.nn as nn
-import torch_pruning as tp
 
+from . import trace
 from .errors import ModelError, PlanError
 from .plan import PruningPlan
 from .space import PruningSpace
@@ -58,8 +58,7 @@ def apply_plan(model: nn.Module, plan: PruningPlan, example_inputs: torch.Tensor
         for name in unit.modules:
             _swap(pruned, name, nn.Identity())
     modules = dict(pruned.named_modules())
-    with torch.enable_grad():  # torch-pruning traces through autograd: no graph under no_grad
-        dg = tp.DependencyGraph().build_dependency(pruned, example_inputs, verbose=False)
+    dg = trace.build(pruned, example_inputs).graph  # survives what torch-pruning cannot map (see trace.py)
     for g in space.groups:
         kept = set(plan.groups.get(g.name, range(g.size)))
         removed = sorted(set(range(g.size)) - kept)

@@ -1,6 +1,7 @@
 """The family matrix: PruningSpace discovery, physical pruning, masked evaluation and the analytic cost on CIFAR
-sized inputs for a range of torchvision families; structural facts about groups and connection units; export; and
-the errors from_model raises for models it cannot handle."""
+sized inputs for a range of torchvision families; structural facts about groups and connection units; export;
+models torch-pruning can only partly map (ShuffleNetV2's channel shuffle); and the errors from_model raises for
+models it cannot handle."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import torchvision
 
 import evoprune
 from evoprune import ConfigError, ModelError, PlanError, PruningPlan, PruningSpace, apply_plan, export, masked
+from evoprune.errors import UntraceableWarning
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 torchvision_models = torchvision.models
@@ -73,6 +76,7 @@ class Family:
     size: int  # input side
     classifier: str  # the module producing the logits: never part of a group
     slow: bool = False
+    untraceable: bool = False  # torch-pruning cannot map part of it: from_model warns and leaves that part out
 
 
 FAMILIES = {
@@ -91,6 +95,7 @@ FAMILIES = {
     "efficientnet_b0": Family(_tv("efficientnet_b0"), 32, "classifier.1", slow=True),
     "mobilenet_v3_large": Family(_tv("mobilenet_v3_large"), 32, "classifier.3", slow=True),
     "densenet121": Family(_tv("densenet121"), 32, "classifier", slow=True),
+    "shufflenet_v2_x0_5": Family(_tv("shufflenet_v2_x0_5"), 32, "fc", untraceable=True),
 }
 
 
@@ -110,7 +115,12 @@ def _make(name: str, randomize_bn) -> Built:
     x = torch.randn(1, 3, fam.size, fam.size, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         out = model(x)
-    space = PruningSpace.from_model(model, x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UntraceableWarning)
+        space = PruningSpace.from_model(model, x)
+    untraceable = [w for w in caught if issubclass(w.category, UntraceableWarning)]
+    # a model torch-pruning maps whole loses nothing to the untraceable-part check; the others warn once
+    assert len(untraceable) == int(fam.untraceable), [str(w.message) for w in untraceable]
     return Built(name, model, x, space, out)
 
 
@@ -364,12 +374,196 @@ def _small_cnn():
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4)).eval()
 
 
-def test_shufflenet_trace_failure_is_a_model_error():
+# ---------------------------------------------------------------------------------------------- untraceable parts
+# ShuffleNetV2's channel_shuffle (view to 5-D, transpose, view back) is a function torch-pruning cannot map: it
+# divides by zero on some shuffles and passes the others' channels straight through, and ``chunk`` gets offsets for
+# the wrong sizes. The groups reaching those ops are left out, with one warning; the rest is pruned exactly.
+SHUFFLE_LEFT_OUT = [  # the convs whose outputs feed a shuffle (or, depthwise, are coupled to one)
+    "stage2.0.branch1.2", *[f"stage2.{i}.branch2.5" for i in range(4)],
+    "stage3.0.branch1.0", "stage3.0.branch1.2", *[f"stage3.{i}.branch2.5" for i in range(8)],
+    "stage4.0.branch1.0", "stage4.0.branch1.2", *[f"stage4.{i}.branch2.5" for i in range(4)],
+]
+SHUFFLE_GROUPS = ["conv1.0", *[f"stage2.{i}.branch2.0" for i in range(4)],
+                  *[f"stage3.{i}.branch2.0" for i in range(8)],
+                  *[f"stage4.{i}.branch2.0" for i in range(4)], "conv5.0"]
+
+
+def _shufflenet():
     torch.manual_seed(0)
-    model = torchvision_models.shufflenet_v2_x0_5(num_classes=NUM_CLASSES).eval()
-    with pytest.raises(ModelError, match="torch-pruning") as info:
-        PruningSpace.from_model(model, torch.randn(1, 3, 32, 32))
-    assert "ShuffleNetV2" in str(info.value)
+    return torchvision_models.shufflenet_v2_x0_5(num_classes=NUM_CLASSES).eval()
+
+
+@pytest.fixture(scope="module")
+def shufflenet(randomize_bn) -> Built:
+    return _make("shufflenet_v2_x0_5", randomize_bn)
+
+
+def test_shufflenet_untraceable_parts_are_left_out_with_one_warning():
+    model, x = _shufflenet(), torch.randn(1, 3, 32, 32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sp = PruningSpace.from_model(model, x)
+    found = [w for w in caught if issubclass(w.category, UntraceableWarning)]
+    assert len(found) == 1 and issubclass(UntraceableWarning, UserWarning)
+    assert found[0].filename == __file__  # it points at the caller of from_model
+    message = str(found[0].message)
+    assert "ShuffleNetV2" in message and "torch-pruning cannot map channels" in message
+    assert "stage2.0" in message and "stage4.3" in message  # where the untraceable ops run
+    for layer in SHUFFLE_LEFT_OUT:
+        assert layer in message
+    assert f"the other {len(SHUFFLE_GROUPS)} group(s) are pruned" in message.lower()
+    # the left-out layers produce channels of no group; the rest is an ordinary space
+    assert [g.name for g in sp.groups] == SHUFFLE_GROUPS
+    members = {m for g in sp.groups for m in g.members}
+    assert not members & set(SHUFFLE_LEFT_OUT)
+    assert sp.group("conv5.0").size == 1024 and sp.group("stage4.0.branch2.0").size == 96
+    assert sp.cost(sp.full_plan()) == tp.utils.count_ops_and_params(model, x)
+
+
+def test_untraceable_build_restores_torch_pruning():
+    from torch_pruning.dependency import index_mapping
+
+    from evoprune import trace
+    before = {n: getattr(index_mapping, n) for n in dir(index_mapping) if n.startswith("update_")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UntraceableWarning)
+        PruningSpace.from_model(_shufflenet(), torch.randn(1, 3, 32, 32))
+    assert {n: getattr(index_mapping, n) for n in before} == before  # the patch lasts for the build only
+    with pytest.raises(RuntimeError):  # a build that fails restores it too, and releases the lock
+        trace.build(nn.Linear(2, 2), torch.randn(1, 3))
+    assert {n: getattr(index_mapping, n) for n in before} == before
+    assert not trace.build(_small_cnn(), torch.randn(1, 3, 8, 8)).untraceable
+
+
+def test_shufflenet_half_plan_prunes_costs_exactly_and_exports(shufflenet, random_individual, state_guard,
+                                                               tmp_path):
+    b = shufflenet
+    plan = b.space.decode(random_individual(b.space, 0.5, np.random.default_rng(7)))
+    assert all(len(plan.groups[g.name]) == g.size // 2 for g in b.space.groups)
+    pruned, macs, params = _check_plan(b, plan, state_guard)  # smaller, runs, exact cost, masked == physical
+    assert params < 0.8 * b.space.base_params and macs < 0.8 * b.space.base_macs
+    assert pruned.conv5[0].out_channels == 512 and pruned.stage3[2].branch2[0].out_channels == 24
+    assert pruned.stage3[2].branch2[5].out_channels == 48  # left out: never pruned
+    x3 = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        y3 = pruned(x3)
+    paths = export(pruned, tmp_path / "shuffle.pt", b.x, formats=("pt", "torchscript"), plan=plan,
+                   widths=b.space.widths(plan))
+    assert set(paths) == {"pt", "torchscript", "card"}
+    full = torch.load(paths["pt"], weights_only=False).eval()
+    scripted = torch.jit.load(paths["torchscript"]).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(full(x3), y3, atol=0, rtol=0)
+        torch.testing.assert_close(scripted(x3), y3, atol=1e-5, rtol=1e-5)
+    card = json.loads(Path(paths["card"]).read_text())
+    assert (card["macs"], card["params"]) == b.space.cost(plan) == (macs, params)
+
+
+def test_shufflenet_search_runs():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 3, 32, 32, generator=gen)
+    y = torch.randint(0, NUM_CLASSES, (16,), generator=gen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UntraceableWarning)
+        result = evoprune.search(_shufflenet(), x[:1], x, y, recal_x=[x[:8]], rounds=1, generations=1,
+                                 population=4, elites=2, target=0.8, seed=0, verbose=False, progress=False)
+    row = result.rows[0]
+    assert row["macs"] <= row["budget"] + 1e-6 and row["params"] < result.baseline["params"]
+    with torch.no_grad():
+        assert result.model(x[:2]).shape == (2, NUM_CLASSES)
+
+
+class _Shuffled(nn.Module):
+    """Every conv's output goes through a channel shuffle: nothing torch-pruning can map remains."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    @staticmethod
+    def shuffle(x):
+        n, c, h, w = x.shape
+        return x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+    def forward(self, x):
+        x = self.shuffle(torch.relu(self.bn1(self.conv1(x))))
+        x = self.shuffle(torch.relu(self.bn2(self.conv2(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_nothing_traceable_left_is_a_model_error():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UntraceableWarning)  # an error, not a warning and then an error
+        with pytest.raises(ModelError, match="torch-pruning cannot map channels") as info:
+            PruningSpace.from_model(_Shuffled().eval(), torch.randn(1, 3, 8, 8))
+    message = str(info.value)
+    assert "_Shuffled" in message and "conv1" in message and "conv2" in message and "Nothing prunable" in message
+
+
+def test_a_shuffle_leaves_the_rest_of_a_small_model_prunable(random_individual, state_guard):
+    class Model(_Shuffled):
+        def forward(self, x):
+            x = self.shuffle(torch.relu(self.bn1(self.conv1(x))))
+            return self.fc(torch.relu(self.bn2(self.conv2(x))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model, x = Model().eval(), torch.randn(1, 3, 8, 8)
+    with pytest.warns(UntraceableWarning, match=r"keep their width: conv1\. The other 1 group"):
+        sp = PruningSpace.from_model(model, x)
+    assert [g.name for g in sp.groups] == ["conv2"]
+    with torch.no_grad():
+        out = model(x)
+    b = Built("shuffled", model, x, sp, out)
+    pruned, _, _ = _check_plan(b, sp.decode(random_individual(sp, 0.5, np.random.default_rng(0))), state_guard)
+    assert pruned.conv1.out_channels == 8 and pruned.conv2.out_channels == 4
+
+
+def _cbr(i, o):
+    return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU())
+
+
+class _ConstantCat(nn.Module):
+    """A constant concatenated in front: torch-pruning sizes the concat from its traced inputs only and maps a's
+    channels to the constant's slots (it prunes the wrong inputs of b without a word)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.fc = _cbr(3, 8), _cbr(12, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.fc(self.b(torch.cat([torch.ones(y.shape[0], 4, *y.shape[2:]), y], 1)).mean((2, 3)))
+
+
+class _SecondHalf(nn.Module):
+    """Only the second half of a chunk is used: torch-pruning gives it the first half's offsets (and raises)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.fc = _cbr(3, 8), _cbr(4, 6), _cbr(8, 6), nn.Linear(12, 3)
+
+    def forward(self, x):
+        y = self.a(x)
+        _, second = y.chunk(2, 1)
+        return self.fc(torch.cat([self.b(second), self.c(y)], 1).mean((2, 3)))
+
+
+@pytest.mark.parametrize("cls, op, kept", [(_ConstantCat, "CatBackward0", ["b.0"]),
+                                           (_SecondHalf, "SplitBackward0", ["b.0", "c.0"])])
+def test_concats_and_splits_torch_pruning_maps_wrongly_are_left_out(cls, op, kept, randomize_bn,
+                                                                     random_individual, state_guard):
+    torch.manual_seed(0)
+    model, x = randomize_bn(cls(), seed=1).eval(), torch.randn(1, 3, 8, 8)
+    with pytest.warns(UntraceableWarning, match=rf"\({op}\) in {cls.__name__}.forward .* keep their width: a\.0\."):
+        sp = PruningSpace.from_model(model, x)
+    assert [g.name for g in sp.groups] == kept
+    with torch.no_grad():
+        out = model(x)
+    plan = sp.decode(random_individual(sp, 0.5, np.random.default_rng(0)))
+    pruned, _, _ = _check_plan(Built(cls.__name__, model, x, sp, out), plan, state_guard)
+    assert pruned.a[0].out_channels == 8
 
 
 def test_nothing_prunable_is_a_model_error():
