@@ -55,13 +55,14 @@ def load(directory: str | Path, *, fingerprint: str, settings: dict) -> dict | N
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{path} is unreadable or truncated ({type(exc).__name__}); delete it to start over"
-                              ) from None
+        raise CheckpointError(f"{path} is unreadable or truncated ({type(exc).__name__}); delete it to start over "
+                              "(CLI: --no-resume)", reason="corrupt") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an evoprune checkpoint (format {FORMAT}); delete it to start over")
+        raise CheckpointError(f"{path} is not an evoprune checkpoint (format {FORMAT}); delete it to start over "
+                              "(CLI: --no-resume)", reason="corrupt")
     if state.get("evoprune_version") != __version__:
         raise CheckpointError(f"{path} was written by evoprune {state.get('evoprune_version')}, this is "
-                              f"{__version__}; resume with that version or delete the checkpoint")
+                              f"{__version__}; resume with that version or delete the checkpoint (CLI: --no-resume)")
     if state.get("fingerprint") != fingerprint:
         raise CheckpointError(f"{path} belongs to another model or input shape (space fingerprint "
                               f"{state.get('fingerprint')}, this one is {fingerprint}); use another checkpoint dir")
@@ -70,5 +71,6 @@ def load(directory: str | Path, *, fingerprint: str, settings: dict) -> dict | N
     if diff:
         raise CheckpointError(f"{path} was made with other search settings ({', '.join(diff)} differ: "
                               f"{ {k: theirs.get(k) for k in diff} } vs { {k: settings.get(k) for k in diff} }); "
-                              "use the same settings to resume, or another checkpoint dir")
+                              "use the same settings to resume, or another checkpoint dir (CLI: --no-resume starts "
+                              "over, or a new --out)")
     return state

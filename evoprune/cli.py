@@ -5,13 +5,17 @@ Subcommands::
     evoprune demo      the built-in job on generated data: no download, about 10 s on a laptop CPU
     evoprune prune     prune a built-in architecture (--arch) or any saved whole model (--model) on image data
     evoprune train     train a built-in architecture and save its state_dict
-    evoprune evaluate  top-1 of a model on the val split of a data set
+    evoprune evaluate  top-1 of a model on the val split of a data set (or its report half)
     evoprune export    write a saved model as TorchScript / ONNX / .pt plus a JSON model card
     evoprune inspect   what can be pruned in a model, or the layer widths and costs of a (pruned) model
 
 Exit codes: 0 success; 2 usage or configuration error (bad flags, out-of-range settings, a bad --input-shape);
 1 runtime failure (data, model, checkpoint or plan problems). evoprune's own errors print one ``error: ...`` line
-(plus, for data paths, the forms of data that are accepted) on stderr, never a traceback.
+(plus, for data paths, the forms of data that are accepted) on stderr, never a traceback. Messages name settings
+by their flags (``--p-c``), also for errors raised deep inside the library (:attr:`ConfigError.setting`).
+
+``--data demo`` (also ``demo:quick``, ``demo:SEED``, ``demo:quick:SEED``) means the demo's generated data, so the
+demo's outputs can be evaluated: see :func:`demo_data_spec`.
 
 The prune job behind ``prune`` is also the one the examples (``examples/vgg16_cifar.py``...) run; see
 :func:`prune_job`.
@@ -30,9 +34,11 @@ from typing import Callable, Sequence
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
-ARCHS = ("vgg16_bn", "vgg11_bn", "resnet18", "tiny")
+ARCHS = ("vgg16_bn", "vgg11_bn", "resnet18", "resnet18_tv", "tiny")
 DEFAULT_INPUT_SHAPE = (3, 32, 32)
 PROG = "evoprune"
+SPLITS = ("val", "val-report", "val-search")
+FINISHED = "evoprune: {out} already holds a finished run (report.md); nothing to do (--no-resume starts over)"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -89,7 +95,9 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, default: str | None =
     default = default if default is not None else os.environ.get("EVOPRUNE_DATA")
     parser.add_argument("--data", metavar="PATH", default=default,
                         help="image data: a torchvision CIFAR-10 folder, an ImageFolder tree (train/<class>/*, "
-                             "val/<class>/*) or a .tar/.tar.gz/.tgz of one "
+                             "val/<class>/*) or a .tar/.tar.gz/.tgz of one; or 'demo' for the generated data of "
+                             "'evoprune demo' ('demo:quick' for 'demo --quick', 'demo:SEED' / 'demo:quick:SEED' for "
+                             "its --seed) "
                              f"({'default: %(default)s' if default else 'required unless $EVOPRUNE_DATA is set'})")
     parser.add_argument("--download", action="store_true",
                         help="download CIFAR-10 with torchvision into --data if it holds no data (needs network)")
@@ -148,7 +156,10 @@ def build_parser() -> Parser:
                  "Train a tiny CNN on generated images, then run a small 2-round search and write the compact "
                  "models and the full report. Needs no data and no download.",
                  "writes into --out: round{k}.pt, round{k}.torchscript.pt, round{k}.json, report.md, report.json,\n"
-                 "pareto.png, logbook.csv")
+                 "logbook.csv and, with matplotlib (pip install 'evoprune[plot]'), pareto.png\n\n"
+                 "top-1 figures are on the val-report half of the generated val images; to check one:\n"
+                 "  evoprune evaluate --model runs/demo/round2.torchscript.pt --data demo --split val-report\n"
+                 "(after 'demo --quick' use --data demo:quick; after 'demo --seed 3' use --data demo:3 --seed 3)")
     p.add_argument("--out", metavar="DIR", default="runs/demo", help="output directory")
     p.add_argument("--quick", action="store_true",
                    help="even smaller data and search, for a smoke test (a few seconds)")
@@ -165,7 +176,8 @@ def build_parser() -> Parser:
                  "  evoprune prune --arch vgg16_bn --data cifar10.tar.gz --weights vgg16.pt --out runs/vgg16\n"
                  "  evoprune prune --model mynet.pt --trust-pickle --input-shape 3,32,32 --data cifar10/ "
                  "--out runs/mynet\n\n"
-                 "A search killed half-way resumes from the checkpoint in --out (see --no-resume).\n"
+                 "A search killed half-way resumes from the checkpoint in --out (see --no-resume); a resume with\n"
+                 "other settings is refused before any work, and a finished run is not redone.\n"
                  "Fitness on SCOOP workers: python -m scoop -n 4 path/to/evoprune/__main__.py prune ...")
     add_model_source(p, arch_help="built-in architecture to prune (with --weights, or a baseline is trained)",
                      model_help="a whole saved model to prune (torch.save(model); needs --trust-pickle)",
@@ -192,14 +204,24 @@ def build_parser() -> Parser:
 
     # evaluate -----------------------------------------------------------------------------------------------
     p = _command(sub, "evaluate", "top-1 accuracy on the val split",
-                 "Print the top-1 accuracy of a model on the val split of --data.",
+                 "Print the top-1 accuracy of a model on the val split of --data, or on the half of it that "
+                 "'evoprune prune' and 'evoprune demo' report top-1 on (--split val-report).",
                  "examples:\n"
                  "  evoprune evaluate --arch vgg16_bn --weights vgg16.pt --data cifar10/\n"
-                 "  evoprune evaluate --model runs/demo/round2.torchscript.pt --data cifar10/")
+                 "  evoprune evaluate --model runs/vgg16/round2.torchscript.pt --data cifar10/ --split val-report\n"
+                 "  evoprune evaluate --model runs/demo/round2.torchscript.pt --data demo --split val-report\n"
+                 "    (the demo's data: --data demo:quick after 'demo --quick'; --data demo:3 --seed 3 after\n"
+                 "    'demo --seed 3')")
     add_model_source(p, arch_help="built-in architecture (needs --weights)",
                      model_help="a saved model: TorchScript, or a pickled whole model with --trust-pickle")
     p.add_argument("--weights", metavar="PT", help="with --arch: the state_dict to evaluate (tensors only)")
     add_data_arguments(p)
+    p.add_argument("--split", choices=SPLITS, default="val",
+                   help="val: every val image; val-report: the half of val that prune and demo report top-1 on "
+                        "(their report.json, report.md and summary); val-search: the half their GA scores plans on")
+    p.add_argument("--seed", type=int, metavar="N",
+                   help="with --split val-report/val-search: the --seed of the prune or demo run whose halves to "
+                        "use (default 0)")
     p.add_argument("--batch-size", type=int, default=256, metavar="N", help="evaluation batch size")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.set_defaults(handler=cmd_evaluate)
@@ -223,12 +245,19 @@ def build_parser() -> Parser:
     # inspect ------------------------------------------------------------------------------------------------
     p = _command(sub, "inspect", "show what can be pruned, or layer widths",
                  "For --arch: the pruning space (channel groups and their sizes, connection units, base MACs and "
-                 "params). For --model: per-layer widths, MACs, params and bytes, plus the pruning space when it "
-                 "is a Python model.")
+                 "params). For --arch with --weights (a state_dict) and for --model: per-layer widths, MACs, "
+                 "params and bytes, plus the pruning space when it is a Python model.",
+                 "examples:\n"
+                 "  evoprune inspect --arch vgg16_bn\n"
+                 "  evoprune inspect --arch vgg16_bn --weights vgg16.pt\n"
+                 "  evoprune inspect --model runs/demo/round2.torchscript.pt")
     add_model_source(p, arch_help="built-in architecture", model_help="a saved model (e.g. a pruned round{k}.pt)")
+    p.add_argument("--weights", metavar="PT",
+                   help="with --arch: a state_dict to load into it (tensors only, strictly); shows its layers")
     p.add_argument("--input-shape", type=input_shape, metavar="C,H,W",
                    help="input shape (default: the model card's for --model if there is one, else 3,32,32)")
-    p.add_argument("--num-classes", type=int, default=10, metavar="N", help="with --arch: number of classes")
+    p.add_argument("--num-classes", type=int, metavar="N",
+                   help="with --arch: number of classes (default: the classifier width in --weights, else 10)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")
     p.set_defaults(handler=cmd_inspect)
     return parser
@@ -236,9 +265,17 @@ def build_parser() -> Parser:
 
 def _check_combinations(parser: Parser, args: argparse.Namespace) -> None:
     """Flag combinations argparse cannot express; usage errors (exit code 2)."""
+    from .errors import ConfigError
     sub = parser._subparsers._group_actions[0].choices[args.command]  # the subcommand's parser, for its prog
     if hasattr(args, "data") and not args.data:
         sub.error("--data is required (or set $EVOPRUNE_DATA)")
+    if getattr(args, "data", None):
+        try:
+            demo = demo_data_spec(args.data)
+        except ConfigError as exc:
+            sub.error(str(exc))
+        if demo is not None and args.download:
+            sub.error("--download goes with a CIFAR-10 path; --data demo is generated, not downloaded")
     arch, model = getattr(args, "arch", None), getattr(args, "model", None)
     if args.command in ("prune", "evaluate", "inspect"):
         if model and getattr(args, "weights", None):
@@ -249,7 +286,9 @@ def _check_combinations(parser: Parser, args: argparse.Namespace) -> None:
         sub.error("--input-shape goes with --model; with --arch the data's image shape is used")
     if args.command == "evaluate" and arch and not args.weights:
         sub.error("--arch needs --weights (a state_dict to evaluate)")
-    if args.command == "inspect" and model and args.num_classes != 10:
+    if args.command == "evaluate" and args.split == "val" and args.seed is not None:
+        sub.error("--seed goes with --split val-report or val-search (it picks the halves of val)")
+    if args.command == "inspect" and model and args.num_classes is not None:
         sub.error("--num-classes goes with --arch")
 
 
@@ -270,12 +309,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def guarded(fn: Callable[[], int | None]) -> int:
     """Run ``fn`` and turn evoprune's errors into one ``error: ...`` line on stderr and an exit code:
-    :class:`~evoprune.errors.ConfigError` -> 2, every other :class:`~evoprune.errors.EvoPruneError` -> 1."""
+    :class:`~evoprune.errors.ConfigError` -> 2, every other :class:`~evoprune.errors.EvoPruneError` -> 1. A
+    ``ConfigError`` that names its ``setting`` is printed with the setting's flag (``p_c`` -> ``--p-c``)."""
     from .errors import ConfigError, EvoPruneError
     try:
         return fn() or EXIT_OK
     except ConfigError as exc:
-        _print_error(exc)
+        _print_error(exc.named(setting_flag(exc.setting)))
         return EXIT_USAGE
     except EvoPruneError as exc:
         _print_error(exc)
@@ -287,7 +327,14 @@ def guarded(fn: Callable[[], int | None]) -> int:
         return _exit_status(exc.code)
 
 
-def _print_error(exc: BaseException) -> None:
+def setting_flag(setting: str | None) -> str | None:
+    """The command-line flag of a library setting (``p_c`` -> ``--p-c``, ``target`` -> ``--target-macs``,
+    ``connections`` -> ``--no-connections``), or None for a setting no flag sets."""
+    from .job import FLAGS
+    return FLAGS.get(setting) if setting else None
+
+
+def _print_error(exc) -> None:
     sys.stdout.flush()
     print(f"error: {exc}", file=sys.stderr)
 
@@ -305,14 +352,105 @@ def _exit_status(code) -> int:
 # Shared pieces: data, models, the prune job
 # ----------------------------------------------------------------------------------------------------------------
 
+def demo_data_spec(text: str) -> tuple[bool, int] | None:
+    """``(quick, seed)`` when ``--data`` names the demo's generated data, else None (a path).
+
+    ``demo`` is the data of ``evoprune demo`` with its defaults, ``demo:quick`` those of ``demo --quick``, and
+    ``demo:SEED`` / ``demo:quick:SEED`` those of ``--seed SEED``: the same train and val images, image for image.
+    A file or folder that exists under that name wins (write ``./demo`` to be explicit). A malformed spec
+    (``demo:fast``) raises :class:`~evoprune.errors.ConfigError`.
+    """
+    from .errors import ConfigError
+    if not isinstance(text, str) or (text != "demo" and not text.startswith("demo:")) or Path(text).exists():
+        return None
+    quick, seed = False, None
+    for part in text.split(":")[1:]:
+        if part == "quick" and not quick and seed is None:
+            quick = True
+        elif seed is None and part.lstrip("-").isdigit():
+            seed = int(part)
+        else:
+            raise ConfigError(f"--data {text!r}: the demo's data are 'demo', 'demo:quick', 'demo:SEED' or "
+                              "'demo:quick:SEED' (SEED: the demo's --seed)")
+    return quick, seed or 0
+
+
+def demo_data_name(quick: bool, seed: int) -> str:
+    """The ``--data`` value that reproduces the data of ``evoprune demo`` run with ``quick`` and ``seed``."""
+    return "demo" + (":quick" if quick else "") + (f":{seed}" if seed else "")
+
+
+def demo_data(quick: bool, seed: int):
+    """The demo's generated data (4 classes, 16x16): the same images for the same ``quick`` and ``seed``."""
+    from .data import synthetic
+    (n_train, n_val), _, _ = demo_options(quick, seed)
+    return synthetic(n_train, n_val, classes=4, size=16, seed=seed)
+
+
 def load_data(args):
     from .data import load_cifar10
+    demo = demo_data_spec(args.data)
+    if demo is not None:
+        data = demo_data(*demo)
+        print(f"evoprune: --data {args.data}: the demo's generated data ({len(data.train)} train / {len(data.val)} "
+              "val images, 16x16, 4 classes)", file=sys.stderr)
+        return data
     return load_cifar10(args.data, download=args.download)
 
 
+def data_source(args) -> str:
+    """``--data`` as recorded for resuming: the demo spec in its canonical form, or the absolute path."""
+    demo = demo_data_spec(args.data)
+    if demo is not None:
+        return demo_data_name(*demo)
+    return str(Path(args.data).expanduser().resolve())
+
+
+def _abspath(path: str | None) -> str | None:
+    return None if path is None else str(Path(path).expanduser().resolve())
+
+
+def read_weights(path: str) -> dict:
+    """The state_dict given as ``--weights`` (tensors only). Errors say what the file is and which flags fit it:
+    a whole pickled model belongs in ``--model FILE --trust-pickle``, a TorchScript file in ``--model FILE``."""
+    from .errors import CheckpointError
+    from .storage import load_state_dict
+    try:
+        return load_state_dict(path)
+    except CheckpointError as exc:
+        if exc.reason == "pickle":
+            raise CheckpointError(
+                f"{path}: holds pickled Python objects, not only tensors (a whole model saved with torch.save(model)?"
+                "), so it is not loaded as --weights (unpickling could run code from the file). --weights takes a "
+                "state_dict: torch.save(model.state_dict(), path). If it is a whole model you trust, pass it as "
+                f"--model {path} --trust-pickle instead of --arch and --weights.", reason="pickle") from None
+        if exc.reason == "torchscript":
+            raise CheckpointError(
+                f"{path}: is a TorchScript module, not a state_dict; evaluate and inspect take it as --model {path} "
+                "(instead of --arch and --weights).", reason="torchscript") from None
+        raise
+
+
+def fit_weights(model, state: dict, path: str, hint: str):
+    """Load ``state`` (from ``--weights path``) into ``model`` strictly; ``hint`` ends the mismatch error."""
+    from .models import fit_weights as fit
+    return fit(model, state, path, hint=hint)
+
+
+def _classes_in(state: dict, arch: str) -> int | None:
+    """The number of classes a state_dict for ``arch`` was saved with: the width of the architecture's last
+    Linear layer in ``state`` (None if it is not there)."""
+    import torch
+
+    from .models import build
+    linear = [name for name, m in build(arch, num_classes=10).named_modules() if isinstance(m, torch.nn.Linear)]
+    weight = state.get(f"{linear[-1]}.weight") if linear else None
+    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
+
+
 def load_model_file(path: str, *, trust: bool, purpose: str):
-    """A whole model from ``path``: TorchScript, or a pickled ``nn.Module`` if ``trust``. ``purpose`` says what
-    it is for (in the error when a TorchScript model cannot serve it)."""
+    """A whole model from ``path``: TorchScript, or a pickled ``nn.Module`` if ``trust``. ``purpose`` (prune,
+    evaluate, export, inspect) says what it is for: errors then name the flags that fit that command."""
     import torch
 
     from .errors import CheckpointError, ModelError
@@ -323,13 +461,18 @@ def load_model_file(path: str, *, trust: bool, purpose: str):
             warnings.simplefilter("ignore", DeprecationWarning)
             model = load_module(path, trust=trust)
     except CheckpointError as exc:
-        if ("trust=True" in str(exc) or "not an nn.Module" in str(exc)) and _is_state_dict(path):
+        if exc.reason == "state_dict" and purpose == "export":
+            raise ModelError(f"{path}: holds a state_dict (weights only), not a whole model; export needs the whole "
+                             "model: save it with torch.save(model) where it was made and pass that file with "
+                             "--trust-pickle.") from None
+        if exc.reason == "state_dict":
             raise ModelError(f"{path}: holds a state_dict (weights only), not a whole model: pass it as --weights "
-                             "with the --arch it was saved from.") from None
-        if not trust and "trust=True" in str(exc):
+                             f"{path} with the --arch it was saved from.") from None
+        if exc.reason == "untrusted":
             raise CheckpointError(
                 f"{path}: is a pickled Python object, and loading it would run code from the file. If you trust "
-                "its source, pass --trust-pickle; otherwise export it as TorchScript where it was made.") from None
+                "its source, pass --trust-pickle; otherwise export it as TorchScript where it was made.",
+                reason="untrusted") from None
         raise
     if purpose == "prune" and isinstance(model, torch.jit.ScriptModule):
         raise ModelError(f"{path}: is a TorchScript module; pruning needs the Python model (its module classes) "
@@ -339,16 +482,6 @@ def load_model_file(path: str, *, trust: bool, purpose: str):
         raise ModelError(f"{path}: is already TorchScript; export (and its model card's MACs count) needs the Python "
                          "model: pass the pickled .pt it was made from, with --trust-pickle.")
     return model.eval()
-
-
-def _is_state_dict(path: str) -> bool:
-    """Whether ``path`` loads as tensors only into a dict of tensors (safe: ``weights_only=True``)."""
-    import torch
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        return False
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
 def _example_inputs(shape):
@@ -386,6 +519,27 @@ def _check_outputs(model, data, where: str) -> None:
                         "must return one logit per class")
 
 
+def _check_device(device: str) -> None:
+    """``--device``: a torch device that is there (ConfigError naming the flag otherwise)."""
+    import torch
+
+    from .errors import ConfigError
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} was asked for, but torch sees no CUDA device here; use --device cpu")
+
+
+def _check_positive(**flags) -> None:
+    """``--flag-name`` values that must be > 0 (ConfigError naming the flag)."""
+    from .errors import ConfigError
+    for name, value in flags.items():
+        if not value > 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+
+
 def baseline(model, data, out_dir, epochs: int, opts, *, progress: bool = True):
     """Train ``model`` for ``epochs`` (or load the copy cached in ``out_dir`` by an earlier run) and return it."""
     from .models import load_weights
@@ -405,37 +559,55 @@ def baseline(model, data, out_dir, epochs: int, opts, *, progress: bool = True):
 
 def prune_job(build_model: Callable, args: argparse.Namespace, *, title: str) -> int:
     """The job of ``evoprune prune --arch`` and of the examples: data, teacher (``--weights``) or a cached
-    baseline, then :func:`evoprune.job.run` into ``--out``. Raises evoprune errors; wrap it in :func:`guarded`."""
+    baseline, then :func:`evoprune.job.run` into ``--out``. Raises evoprune errors; wrap it in :func:`guarded`.
+
+    Before loading anything it checks ``--out``: a run there made with other settings is refused, a finished one
+    with the same settings is not redone (exit 0). A bad ``--weights`` file is refused before the data load."""
     from . import job
     from .errors import ConfigError
-    from .models import load_weights
     opts = job.options_from_args(args)
     if args.baseline_epochs < 1:
         raise ConfigError(f"--baseline-epochs must be >= 1, got {args.baseline_epochs}")
+    source = {"arch" if getattr(args, "arch", None) else "model_builder":
+              getattr(args, "arch", None) or getattr(build_model, "__name__", type(build_model).__name__),
+              "weights": _abspath(args.weights), "baseline_epochs": None if args.weights else args.baseline_epochs,
+              "data": data_source(args)}
+    if job.finished(args.out, opts, source=source):
+        print(FINISHED.format(out=args.out), file=sys.stderr)
+        return EXIT_OK
+    state = read_weights(args.weights) if args.weights else None
     data = load_data(args)
-    model = build_model(num_classes=len(data.train.classes))
-    if args.weights:
-        load_weights(model, args.weights)
+    classes = len(data.train.classes)
+    model = build_model(num_classes=classes)
+    if state is not None:
+        fit_weights(model, state, args.weights, f"Pass the --arch it was saved from (the number of classes, "
+                                                 f"{classes}, comes from --data).")
     else:
         model = baseline(model, data, args.out, args.baseline_epochs, opts)
-    result = job.run(model.eval(), data, args.out, opts, title=title)
-    print(_summary_lines(result.baseline, result.rows[-1], len(result.rows), Path(args.out)))
+    result = job.run(model.eval(), data, args.out, opts, title=title, source=source)
+    print(_summary_lines(result, Path(args.out)))
     return EXIT_OK
 
 
-def _summary_lines(base: dict, last: dict, rounds: int, out: Path) -> str:
-    """Baseline vs final accuracy, MACs and params, and where the files are."""
+def _summary_lines(result, out: Path) -> str:
+    """Baseline vs final accuracy (and on which images), MACs and params, and the files this run wrote."""
+    from .job import describe_files
+
     def top1(x):
         return "-" if x is None else f"{x:.4f}"
+    base, last, rounds = result.baseline, result.rows[-1], len(result.rows)
+    n = result.settings.get("report_images")
+    split = "val-report half" + (f", {n} images" if n else "")
     macs_pct = 100.0 * last["macs"] / base["macs"]
     params_pct = 100.0 * last["params"] / base["params"]
-    rounds_glob = "round1" if rounds == 1 else f"round{{1..{rounds}}}"
+    files = f"{out}/{describe_files(result.files)}" if result.files else "none written"
     return "\n".join([
-        f"baseline: top-1 {top1(base.get('top1'))}, {base['macs'] / 1e6:.3f} MMACs, {base['params']:,} params",
-        f"final   : top-1 {top1(last.get('top1'))}, {last['macs'] / 1e6:.3f} MMACs ({macs_pct:.1f} % of baseline, "
-        f"-{100 - macs_pct:.1f} %), {last['params']:,} params (-{100 - params_pct:.1f} %) after {rounds} round(s)",
-        f"files   : {out}/{rounds_glob}.pt, .torchscript.pt, .json; report.md, report.json, pareto.png, "
-        "logbook.csv",
+        f"baseline: top-1 {top1(base.get('top1'))} ({split}), {base['macs'] / 1e6:.3f} MMACs, "
+        f"{base['params']:,} params",
+        f"final   : top-1 {top1(last.get('top1'))} (same images), {last['macs'] / 1e6:.3f} MMACs ({macs_pct:.1f} % "
+        f"of baseline, -{100 - macs_pct:.1f} %), {last['params']:,} params (-{100 - params_pct:.1f} %) after "
+        f"{rounds} round(s)",
+        f"files   : {files}" + "".join(f"; {line}" for line in result.skipped),
     ])
 
 
@@ -475,23 +647,28 @@ def _demo(args, t0: float) -> int:
     import torch
 
     from . import job
-    from .data import synthetic
     from .models import tiny_cnn
     from .train import evaluate, train
     (n_train, n_val), epochs, opts = demo_options(args.quick, args.seed)
-    data = synthetic(n_train, n_val, classes=4, size=16, seed=args.seed)
+    data = demo_data(args.quick, args.seed)
     print(f"evoprune demo: generated {n_train} train / {n_val} val images, 16x16, 4 classes; training a tiny CNN "
           f"for {epochs} epochs", file=sys.stderr)
     torch.manual_seed(args.seed)
     model = tiny_cnn(num_classes=4)
     train(model, data.train, epochs, batch_size=64, lr=0.05, seed=args.seed, progress=True)
-    print(f"evoprune demo: baseline val top-1 {evaluate(model, data.val):.4f}; searching "
-          f"({opts.rounds} rounds x {opts.generations} generations, population {opts.population}, "
-          f"target {opts.target:.0%} of the MACs)", file=sys.stderr)
+    _, report_set = job.val_splits(data.val, opts.seed)  # the images every top-1 of the run is reported on
+    print(f"evoprune demo: baseline top-1 {evaluate(model, report_set):.4f} (val-report half, {len(report_set)} "
+          f"images); searching ({opts.rounds} rounds x {opts.generations} generations, population "
+          f"{opts.population}, target {opts.target:.0%} of the MACs)", file=sys.stderr)
     out = Path(args.out)
-    result = job.run(model.eval(), data, out, opts, title="evoprune demo: TinyCNN on generated images")
+    result = job.run(model.eval(), data, out, opts, title="evoprune demo: TinyCNN on generated images",
+                     source={"data": demo_data_name(args.quick, args.seed)})
     print(f"evoprune demo: done in {time.perf_counter() - t0:.1f} s")
-    print(_summary_lines(result.baseline, result.rows[-1], len(result.rows), out))
+    print(_summary_lines(result, out))
+    last = result.rows[-1]["round"]
+    seed = f" --seed {args.seed}" if args.seed else ""
+    print(f"check a round: evoprune evaluate --model {out / f'round{last}.torchscript.pt'} --data "
+          f"{demo_data_name(args.quick, args.seed)} --split val-report{seed}")
     return EXIT_OK
 
 
@@ -502,6 +679,10 @@ def cmd_prune(args) -> int:
     from . import job
     from .errors import ConfigError
     opts = job.options_from_args(args)
+    source = {"model": _abspath(args.model), "data": data_source(args)}
+    if job.finished(args.out, opts, source=source):
+        print(FINISHED.format(out=args.out), file=sys.stderr)
+        return EXIT_OK
     model = load_model_file(args.model, trust=args.trust_pickle, purpose="prune")
     data = load_data(args)
     shape = tuple(data.train.images.shape[1:])
@@ -509,8 +690,8 @@ def cmd_prune(args) -> int:
         raise ConfigError(f"--input-shape {','.join(map(str, args.input_shape))} does not match the data's images "
                           f"({','.join(map(str, shape))}); resize the data or fix --input-shape")
     _check_outputs(model, data, args.model)
-    result = job.run(model, data, args.out, opts, title=f"evoprune: {Path(args.model).name}")
-    print(_summary_lines(result.baseline, result.rows[-1], len(result.rows), Path(args.out)))
+    result = job.run(model, data, args.out, opts, title=f"evoprune: {Path(args.model).name}", source=source)
+    print(_summary_lines(result, Path(args.out)))
     return EXIT_OK
 
 
@@ -519,11 +700,17 @@ def cmd_train(args) -> int:
 
     from .models import build
     from .storage import torch_save
-    from .train import check_training_args, resolve_device, train
+    from .train import check_training_args, train
+    from .errors import ConfigError
+    if args.epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    _check_positive(lr=args.lr)
+    _check_device(args.device)
     check_training_args(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=0.9,
                         weight_decay=5e-4, schedule="onecycle", label_smoothing=0.1, kd_alpha=0.5,
                         kd_temperature=4.0, max_batches=None)
-    resolve_device(args.device)
     data = load_data(args)
     torch.manual_seed(args.seed)
     model = build(args.arch, num_classes=len(data.train.classes))
@@ -536,20 +723,37 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .models import build, load_weights
-    from .train import evaluate, resolve_device
-    resolve_device(args.device)
+    from .errors import ConfigError
+    from .job import val_splits
+    from .models import build
+    from .train import evaluate
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    _check_device(args.device)
     if args.arch:
+        state = read_weights(args.weights)  # a bad file is refused before the data are loaded
         data = load_data(args)
-        model = load_weights(build(args.arch, num_classes=len(data.train.classes)), args.weights)
+        classes = len(data.train.classes)
+        model = fit_weights(build(args.arch, num_classes=classes), state, args.weights,
+                            f"Pass the --arch it was saved from (the number of classes, {classes}, comes from "
+                            "--data).")
         where = f"{args.arch} with {args.weights}"
     else:
         model = load_model_file(args.model, trust=args.trust_pickle, purpose="evaluate")
         data = load_data(args)
         where = args.model
     _check_outputs(model, data, where)
-    top1 = evaluate(model, data.val, batch_size=args.batch_size, device=args.device)
-    print(f"top-1 {top1:.4f} on {len(data.val)} val images ({where})")
+    images, seed = data.val, args.seed or 0
+    if args.split != "val":
+        search_half, report_half = val_splits(data.val, seed)
+        images = report_half if args.split == "val-report" else search_half
+    top1 = evaluate(model, images, batch_size=args.batch_size, device=args.device)
+    if args.split == "val":
+        print(f"top-1 {top1:.4f} on {len(images)} val images ({where})")
+    else:
+        use = "report top-1 on" if args.split == "val-report" else "score plans on"
+        print(f"top-1 {top1:.4f} on {len(images)} {args.split} images, the half of the {len(data.val)} val images "
+              f"that prune and demo {use} with --seed {seed} ({where})")
     return EXIT_OK
 
 
@@ -572,9 +776,17 @@ def cmd_export(args) -> int:
 
 def cmd_inspect(args) -> int:
     from .models import build
-    if args.arch:
+    if args.arch and args.weights:
         shape = args.input_shape or DEFAULT_INPUT_SHAPE
-        model = build(args.arch, num_classes=args.num_classes).eval()
+        state = read_weights(args.weights)
+        classes = args.num_classes or _classes_in(state, args.arch) or 10
+        hint = "Pass the --arch it was saved from" + (" and its --num-classes." if args.num_classes else ".")
+        model = fit_weights(build(args.arch, num_classes=classes), state, args.weights, hint).eval()
+        info = {"source": f"--arch {args.arch} --weights {args.weights}", **model_info(model, shape)}
+        info["space"] = _space_or_reason(model, shape)
+    elif args.arch:
+        shape = args.input_shape or DEFAULT_INPUT_SHAPE
+        model = build(args.arch, num_classes=args.num_classes or 10).eval()
         info = {"source": f"--arch {args.arch}", "space": space_info(model, shape)}
     else:
         model = load_model_file(args.model, trust=args.trust_pickle, purpose="inspect")

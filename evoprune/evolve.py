@@ -58,25 +58,29 @@ class SearchConfig:
     seed: int = 0
 
     def check(self):
+        """Raise :class:`ConfigError` (its ``setting`` names the field) for the first setting out of range."""
         for name in ("rounds", "generations"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"{name} must be an int >= 1, got {v!r}")
-        if not isinstance(self.population, int) or self.population < 2:
-            raise ConfigError(f"population must be an int >= 2, got {self.population!r}")
-        if not isinstance(self.elites, int) or not 1 <= self.elites <= self.population:
-            raise ConfigError(f"elites must be an int in [1, population={self.population}], got {self.elites!r}")
+                raise ConfigError(f"must be an int >= 1, got {v!r}", setting=name)
+        if not isinstance(self.population, int) or isinstance(self.population, bool) or self.population < 2:
+            raise ConfigError(f"must be an int >= 2, got {self.population!r}", setting="population")
+        if not isinstance(self.elites, int) or isinstance(self.elites, bool) or \
+                not 1 <= self.elites <= self.population:
+            raise ConfigError(f"must be an int from 1 to the population size ({self.population}), got "
+                              f"{self.elites!r}", setting="elites")
         check_probability("p_c", self.p_c)
         check_probability("p_mut", self.p_mut)
         if isinstance(self.target, bool) or not isinstance(self.target, (int, float)) or \
                 not 0 < self.target <= 1 or math.isnan(self.target):
-            raise ConfigError(f"target must be a fraction in (0, 1] of the original MACs/params, got {self.target!r}")
+            raise ConfigError(f"must be a fraction in (0, 1] of the original MACs/params, got {self.target!r}",
+                              setting="target")
         if self.target_kind not in ("macs", "params"):
-            raise ConfigError(f"target_kind must be 'macs' or 'params', got {self.target_kind!r}")
+            raise ConfigError(f"must be 'macs' or 'params', got {self.target_kind!r}", setting="target_kind")
         if self.objective not in ("budget", "nsga2", "topk"):
-            raise ConfigError(f"objective must be 'budget', 'nsga2' or 'topk', got {self.objective!r}")
+            raise ConfigError(f"must be 'budget', 'nsga2' or 'topk', got {self.objective!r}", setting="objective")
         if self.importance not in IMPORTANCE_KINDS or self.importance == "taylor":
-            raise ConfigError(f"importance must be one of l1, l2, bn, random, got {self.importance!r}")
+            raise ConfigError(f"must be one of l1, l2, bn, random, got {self.importance!r}", setting="importance")
 
 
 @dataclass

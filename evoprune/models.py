@@ -105,6 +105,13 @@ def resnet18_cifar(num_classes: int = 10) -> nn.Module:
     return model
 
 
+def resnet18_tv(num_classes: int = 10) -> nn.Module:
+    """torchvision's ResNet-18 unchanged, ImageNet stem included (7x7 stride-2 conv, 3x3 stride-2 max-pool): the
+    paper's 11.2 M-parameter network, 37.2 M MACs on a 32x32 image, and the layout of
+    ``../shared/models/resnet18_tv_cifar10.pt`` (which loads strictly into it)."""
+    return torchvision.models.resnet18(num_classes=num_classes)
+
+
 class TinyCNN(nn.Module):
     """A small CNN for tests and demos (3x16x16 input, about 17k parameters at width 16).
 
@@ -142,6 +149,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "vgg16_bn": vgg16_bn_cifar,
     "vgg11_bn": vgg11_bn_cifar,
     "resnet18": resnet18_cifar,
+    "resnet18_tv": resnet18_tv,
     "tiny": tiny_cnn,
 }
 
@@ -172,19 +180,29 @@ def state_dict_mismatch(model: nn.Module, state: dict) -> list[str]:
     return problems
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a state_dict file into ``model`` strictly (tensors only); return ``model``.
+DEFAULT_FIT_HINT = "Build the architecture it was saved from (check the model name and num_classes)."
 
-    Raises :class:`~evoprune.errors.CheckpointError` if the file is missing or not a tensors-only state_dict, and
-    :class:`~evoprune.errors.ModelError` listing the missing/unexpected keys and shape mismatches if it was saved
-    from a different architecture.
+
+def fit_weights(model: nn.Module, state: dict, where: str | os.PathLike = "state_dict", *,
+                hint: str = DEFAULT_FIT_HINT) -> nn.Module:
+    """Load the tensors ``state`` into ``model`` strictly; return ``model``.
+
+    Raises :class:`~evoprune.errors.ModelError` listing the missing/unexpected keys and shape mismatches (``where``
+    names the source, ``hint`` says what to do) if they were saved from a different architecture.
     """
-    state = load_state_dict(path)
     problems = state_dict_mismatch(model, state)
     if problems:
-        raise ModelError(
-            f"{path}: does not fit {type(model).__name__} ({'; '.join(problems[:8])}). "
-            "Build the architecture it was saved from (check the model name and num_classes)."
-        )
+        raise ModelError(f"{where}: does not fit {type(model).__name__} ({'; '.join(problems[:8])}). {hint}")
     model.load_state_dict(state, strict=True)
     return model
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, *, hint: str = DEFAULT_FIT_HINT) -> nn.Module:
+    """Load a state_dict file into ``model`` strictly (tensors only); return ``model``.
+
+    Raises :class:`~evoprune.errors.CheckpointError` if the file is missing or not a tensors-only state_dict (its
+    ``reason`` says what the file is instead), and :class:`~evoprune.errors.ModelError` listing the
+    missing/unexpected keys and shape mismatches if it was saved from a different architecture (``hint``, what to do
+    then, ends that message).
+    """
+    return fit_weights(model, load_state_dict(path), path, hint=hint)

@@ -20,9 +20,10 @@ from .genome import Layout
 
 
 def check_probability(name: str, value) -> float:
+    """``value`` as a float; :class:`ConfigError` (``setting=name``) unless it is a number in [0, 1]."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0 \
             or math.isnan(value):
-        raise ConfigError(f"{name} must be a probability in [0, 1], got {value!r}")
+        raise ConfigError(f"must be a probability in [0, 1], got {value!r}", setting=name)
     return float(value)
 
 

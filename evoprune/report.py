@@ -1,27 +1,63 @@
 """The report files of a search: report.json, report.md (the paper's Tables 2, 3 and 5 for this run), logbook.csv
-and pareto.png (score vs MACs over every evaluated plan, Pareto front highlighted, chosen plans marked)."""
+and pareto.png (score vs MACs over every evaluated plan, Pareto front highlighted, chosen plans marked).
+
+pareto.png needs matplotlib (``pip install 'evoprune[plot]'``); without it the other files are written and
+:func:`write_report` leaves pareto.png out of the paths it returns (:data:`PARETO_SKIPPED` says why).
+"""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
+import math
 from pathlib import Path
 
+from .errors import ConfigError
 from .evolve import SearchResult
 from .storage import atomic_write, write_json, write_text
 
+METRICS = ("top1", "loss")
+#: What to tell the user when pareto.png was not written because matplotlib is missing.
+PARETO_SKIPPED = "pareto.png skipped: pip install 'evoprune[plot]'"
+#: The y axis of pareto.png for each fitness metric.
+AXIS_LABELS = {"top1": "top-1 on the search split", "loss": "loss on the search split (lower is better)"}
+
+
+def have_matplotlib() -> bool:
+    """Whether matplotlib can be imported (it is the optional ``plot`` extra)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def report_metric(settings: dict | None, metric: str | None = None) -> str:
+    """The fitness metric of a run: ``metric`` if given, else the settings' ``fitness.metric`` (as
+    :func:`evoprune.evolve.search` records it) or ``metric``, else ``"top1"``."""
+    settings = settings or {}
+    metric = metric or settings.get("fitness.metric") or settings.get("metric") or "top1"
+    if metric not in METRICS:
+        raise ConfigError(f"must be 'top1' or 'loss', got {metric!r}", setting="metric")
+    return metric
+
 
 def write_report(result: SearchResult, out_dir: str | Path, *, title: str = "evoprune run",
-                 settings: dict | None = None) -> dict[str, str]:
-    """Write every report file into ``out_dir`` (atomically) and return their paths."""
+                 settings: dict | None = None, metric: str | None = None) -> dict[str, str]:
+    """Write every report file into ``out_dir`` (atomically) and return the paths actually written, by kind:
+    ``json``, ``md``, ``logbook`` and, when matplotlib is installed, ``pareto``.
+
+    ``metric`` is the fitness metric of the search scores (``"top1"`` or ``"loss"``, where a score is minus the
+    loss); by default it is read from ``settings["fitness.metric"]``, else top-1. It sets pareto.png's y axis.
+    """
+    metric = report_metric(settings, metric)
     out = Path(out_dir)
     paths = {"json": out / "report.json", "md": out / "report.md", "logbook": out / "logbook.csv"}
     write_json(paths["json"], {"title": title, "settings": settings or {}, **result.to_dict()})
     write_text(paths["md"], markdown(result, title=title, settings=settings))
     write_text(paths["logbook"], logbook_csv(result))
-    if importlib.util.find_spec("matplotlib") is not None:
+    if have_matplotlib():
         paths["pareto"] = out / "pareto.png"
-        plot_pareto(result, paths["pareto"])
+        plot_pareto(result, paths["pareto"], metric=metric)
     return {k: str(v) for k, v in paths.items()}
 
 
@@ -55,30 +91,60 @@ def logbook_csv(result: SearchResult) -> str:
     return buf.getvalue()
 
 
-def plot_pareto(result: SearchResult, path: str | Path) -> None:
+def _y(score: float, metric: str) -> float:
+    """The plotted value of a fitness score: top-1 as is, loss as minus the score (the loss itself)."""
+    return -score if metric == "loss" else score
+
+
+def _plottable(score: float, metric: str) -> bool:
+    """Failed evaluations are scored as the worst (-inf, NaN, or below 0 for top-1); they are left out."""
+    return math.isfinite(score) and (metric == "loss" or score >= 0)
+
+
+def pareto_axes(result: SearchResult, *, metric: str = "top1", ax=None):
+    """Draw the evaluated plans, the Pareto fronts and the chosen plans (*) of ``result`` on ``ax`` (a new figure
+    if None) and return the Axes. x: MMACs; y: top-1 on the search split, or for ``metric="loss"`` the loss
+    (minus the fitness score; lower is better), unclipped."""
+    metric = report_metric(None, metric)
+    import matplotlib
+    if ax is None:
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        _, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for k, points in enumerate(result.evaluated, start=1):
+        pts = [(m / 1e6, _y(s, metric)) for s, m in points if _plottable(s, metric)]
+        if pts:
+            ax.scatter(*zip(*pts), s=8, alpha=0.35, label=f"round {k}: evaluated")
+    for k, front in enumerate(result.pareto, start=1):
+        pts = sorted((m / 1e6, _y(s, metric)) for s, m in front if _plottable(s, metric))
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, lw=1.2, label=f"round {k}: Pareto front")
+    for r in result.rows:
+        if not _plottable(r["search_score"], metric):
+            continue
+        xy = (r["macs"] / 1e6, _y(r["search_score"], metric))
+        ax.scatter([xy[0]], [xy[1]], marker="*", s=160, edgecolor="k", zorder=5)
+        ax.annotate(f"r{r['round']}", xy, textcoords="offset points", xytext=(5, 5))
+    ax.set_xlabel("MMACs (torch-pruning counter)")
+    ax.set_ylabel(AXIS_LABELS[metric])
+    ax.set_title("evoprune: evaluated plans, Pareto fronts, chosen plans (*)")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="upper right" if metric == "loss" else "lower right")
+    return ax
+
+
+def plot_pareto(result: SearchResult, path: str | Path, *, metric: str = "top1") -> None:
+    """Write :func:`pareto_axes` as a PNG, atomically (needs matplotlib)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    for k, points in enumerate(result.evaluated, start=1):
-        pts = [(m / 1e6, s) for s, m in points if s >= 0]
-        if pts:
-            ax.scatter(*zip(*pts), s=8, alpha=0.35, label=f"round {k}: evaluated")
-    for k, front in enumerate(result.pareto, start=1):
-        pts = sorted((m / 1e6, s) for s, m in front if s >= 0)
-        if pts:
-            ax.plot(*zip(*pts), marker="o", ms=3, lw=1.2, label=f"round {k}: Pareto front")
-    for r in result.rows:
-        ax.scatter([r["macs"] / 1e6], [r["search_score"]], marker="*", s=160, edgecolor="k", zorder=5)
-        ax.annotate(f"r{r['round']}", (r["macs"] / 1e6, r["search_score"]), textcoords="offset points",
-                    xytext=(5, 5))
-    ax.set_xlabel("MMACs (torch-pruning counter)")
-    ax.set_ylabel("fitness score (search split)")
-    ax.set_title("evoprune: evaluated plans, Pareto fronts, chosen plans (*)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    with atomic_write(path, "wb") as fh:
-        fig.savefig(fh, format="png")
-    plt.close(fig)
+    ax = pareto_axes(result, metric=metric)
+    fig = ax.figure
+    try:
+        fig.tight_layout()
+        with atomic_write(path, "wb") as fh:
+            fig.savefig(fh, format="png")
+    finally:
+        plt.close(fig)

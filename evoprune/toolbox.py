@@ -96,12 +96,6 @@ def register(toolbox: base.Toolbox, space: PruningSpace, evaluate: Callable, *, 
         raise ConfigError(f"init must be 'importance' or 'random', got {init!r}")
     if not isinstance(elites, int) or elites < 1:
         raise ConfigError(f"elites must be a positive int, got {elites!r}")
-    if objective == "budget" and macs_budget is None and params_budget is None:
-        raise ConfigError("objective='budget' (the default) needs macs_budget or params_budget, e.g. "
-                          "macs_budget=0.25 * space.base_macs; or pass objective='nsga2' for a Pareto front")
-    if seed is not None:
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
     _, individual_cls = creator_types()
     layout = space.layout
     if importance is None:
@@ -110,12 +104,18 @@ def register(toolbox: base.Toolbox, space: PruningSpace, evaluate: Callable, *, 
     missing = [g.name for g in space.groups if g.name not in importance]
     if missing:
         raise ConfigError(f"importance has no scores for group(s) {', '.join(missing)}")
+    if objective == "budget" and macs_budget is None and params_budget is None:
+        raise ConfigError("objective='budget' (the default) needs macs_budget or params_budget, e.g. "
+                          "macs_budget=0.25 * space.base_macs; or pass objective='nsga2' for a Pareto front")
     rank_map = importance_ranks(importance)
     ranks = [rank_map[g.name] for g in space.groups]
     indpb = indpb if indpb is not None else min(0.5, 2.0 / max(1, layout.n_neurons) * len(space.groups))
     conn_indpb = conn_indpb if conn_indpb is not None else (1.0 / layout.n_connections if layout.n_connections else 0)
     ops.check_probability("indpb", indpb)
     ops.check_probability("conn_indpb", conn_indpb)
+    if seed is not None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
 
     if init == "importance":
         toolbox.register("individual", ops.init_importance, individual_cls, layout, ranks, keep_range,

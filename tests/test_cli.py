@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -314,3 +315,155 @@ def test_a_state_dict_given_as_model_points_to_weights(trust, tmp_path, capsys):
     code, out, err = run(capsys, "inspect", "--model", weights, *trust)
     assert code == 1
     assert "state_dict" in error_lines(err)[0] and "--weights" in error_lines(err)[0]
+
+
+# ------------------------------------------------------------------------------------------------ weights files
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory, saved_tiny) -> Path:
+    """A text file, a cut-off state_dict, a cut-off whole model and a cut-off TorchScript file."""
+    d = tmp_path_factory.mktemp("bad")
+    (d / "notes.txt").write_text("this is not a model\n" * 10)
+    torch.save(tiny_cnn(num_classes=4).state_dict(), d / "full.pt")
+    data = (d / "full.pt").read_bytes()
+    (d / "cut.pt").write_bytes(data[: len(data) // 2])
+    data = saved_tiny.read_bytes()
+    (d / "cut-model.pt").write_bytes(data[: len(data) // 3])
+    torch.jit.save(torch.jit.trace(tiny_cnn(num_classes=4).eval(), torch.zeros(1, 3, 16, 16)), d / "ts.pt")
+    data = (d / "ts.pt").read_bytes()
+    (d / "cut-ts.pt").write_bytes(data[: len(data) // 2])
+    return d
+
+
+def fails_with(capsys, argv, code=1) -> str:
+    got, out, err = run(capsys, *argv)
+    assert got == code, err
+    assert len(error_lines(err)) == 1 and "Traceback" not in err, err
+    return error_lines(err)[0]
+
+
+@pytest.mark.parametrize("name, words", [("notes.txt", "not a PyTorch file"), ("cut.pt", "truncated or corrupt")])
+@pytest.mark.parametrize("command", ["evaluate", "inspect", "prune"])
+def test_a_bad_weights_file_says_what_it_is_without_pickle_advice(command, name, words, bad_files, tmp_path,
+                                                                  capsys, monkeypatch):
+    monkeypatch.setattr(cli, "load_data", lambda args: pytest.fail("the data were loaded before the weights"))
+    argv = [command, "--arch", "tiny", "--weights", bad_files / name]
+    argv += [] if command == "inspect" else ["--data", "demo:quick"]
+    argv += ["--out", tmp_path / "run"] if command == "prune" else []
+    line = fails_with(capsys, argv)
+    assert line.startswith(f"error: {bad_files / name}: ") and words in line
+    assert "--trust-pickle" not in line and "KeyError" not in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_whole_model_given_as_weights_is_pointed_to_model_and_trust(saved_tiny, capsys):
+    line = fails_with(capsys, ["evaluate", "--arch", "tiny", "--weights", saved_tiny, "--data", "demo:quick"])
+    assert f"--model {saved_tiny} --trust-pickle" in line
+    # the advice works as given
+    code, out, err = run(capsys, "evaluate", "--model", saved_tiny, "--trust-pickle", "--data", "demo:quick")
+    assert code == 0 and out.startswith("top-1 "), err
+
+
+def test_torchscript_given_as_weights_is_pointed_to_model(bad_files, capsys):
+    line = fails_with(capsys, ["inspect", "--arch", "tiny", "--weights", bad_files / "ts.pt"])
+    assert f"--model {bad_files / 'ts.pt'}" in line and "TorchScript" in line and "--trust-pickle" not in line
+
+
+@pytest.mark.parametrize("name, words", [("notes.txt", "not a PyTorch file"), ("cut-model.pt", "truncated or corrupt"),
+                                         ("cut-ts.pt", "truncated or corrupt")])
+@pytest.mark.parametrize("trust", [[], ["--trust-pickle"]], ids=["untrusted", "trusted"])
+def test_a_bad_model_file_says_what_it_is(name, words, trust, bad_files, capsys):
+    line = fails_with(capsys, ["inspect", "--model", bad_files / name, *trust])
+    assert words in line and "--trust-pickle" not in line and "pickled Python object" not in line
+
+
+def test_a_state_dict_given_to_export_gets_advice_export_can_use(bad_files, tmp_path, capsys):
+    line = fails_with(capsys, ["export", "--model", bad_files / "full.pt", "--out", tmp_path / "x"])
+    assert "state_dict" in line and "--weights" not in line and "torch.save(model)" in line
+    assert not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------------------------ inspect --weights
+
+def test_inspect_arch_with_weights_shows_the_loaded_layers(tmp_path, capsys):
+    weights = tmp_path / "tiny4.pt"
+    torch.save(tiny_cnn(num_classes=4).state_dict(), weights)
+    code, out, err = run(capsys, "inspect", "--arch", "tiny", "--weights", weights, "--input-shape", "3,16,16",
+                         "--json")
+    assert code == 0, err
+    info = json.loads(out)
+    state = torch.load(weights, weights_only=True)
+    widths = {layer["name"]: layer["width"] for layer in info["layers"]}
+    assert widths == {name: state[f"{name}.weight"].shape[0] for name in widths}  # the file's widths
+    assert widths["classifier"] == 4  # the number of classes comes from the weights
+    assert str(weights) in info["source"] and info["format"] == "python"
+    assert [g["name"] for g in info["space"]["groups"]] == ["features.0", "features.3", "features.7", "features.10"]
+
+
+def test_inspect_weights_load_strictly(tmp_path, capsys):
+    weights = tmp_path / "narrow.pt"
+    torch.save(tiny_cnn(num_classes=4, width=8).state_dict(), weights)
+    line = fails_with(capsys, ["inspect", "--arch", "tiny", "--weights", weights])
+    assert "does not fit" in line and "--arch" in line
+    line = fails_with(capsys, ["inspect", "--arch", "tiny", "--weights", weights, "--num-classes", "10"])
+    assert "--num-classes" in line
+
+
+def test_the_state_dict_advice_of_inspect_model_works(tmp_path, capsys):
+    """``inspect --model <state_dict>`` says to pass it as --weights with its --arch; doing so works."""
+    weights = tmp_path / "weights.pt"
+    torch.save(tiny_cnn(num_classes=4).state_dict(), weights)
+    line = fails_with(capsys, ["inspect", "--model", weights])
+    assert f"--weights {weights}" in line and "--arch" in line
+    code, out, err = run(capsys, "inspect", "--arch", "tiny", "--weights", weights)
+    assert code == 0 and "classifier" in out and "channel groups" in out, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["inspect", "--model", "{w}", "--weights", "{w}"], "--weights goes with --arch"),
+    (["inspect", "--model", "{w}", "--num-classes", "4"], "--num-classes goes with --arch"),
+])
+def test_inspect_flag_combinations(argv, message, tmp_path, capsys):
+    line = fails_with(capsys, [a.format(w=tmp_path / "w.pt") for a in argv], code=2)
+    assert message in line
+
+
+# ------------------------------------------------------------------------------------------------ flags in messages
+
+@pytest.mark.parametrize("flag, value, name", [
+    ("--p-c", "1.5", "p_c"), ("--p-mut", "-0.5", "p_mut"), ("--population", "1", "population"),
+    ("--elites", "0", "elites"), ("--rounds", "0", "rounds"), ("--generations", "0", "generations"),
+    ("--target-macs", "1.5", "target"), ("--score-samples", "3", "score_samples"),
+    ("--recal-batches", "-1", "recal_batches"), ("--finetune-epochs", "-2", "finetune_epochs"),
+])
+def test_setting_errors_name_the_flag_not_the_python_name(flag, value, name, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "load_data", lambda args: pytest.fail("the data were loaded"))
+    line = fails_with(capsys, ["prune", "--arch", "tiny", "--data", "demo:quick", "--out", tmp_path / "run",
+                               flag, value], code=2)
+    assert line.startswith(f"error: {flag} ") and value.lstrip("-") in line
+    assert not re.search(rf"(?<![-\w]){name}\b", line), line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["train", "--arch", "tiny", "--data", "demo:quick", "--out", "{tmp}/w.pt", "--epochs", "0"], "--epochs"),
+    (["train", "--arch", "tiny", "--data", "demo:quick", "--out", "{tmp}/w.pt", "--batch-size", "0"],
+     "--batch-size"),
+    (["train", "--arch", "tiny", "--data", "demo:quick", "--out", "{tmp}/w.pt", "--lr", "0"], "--lr"),
+    (["evaluate", "--model", "{tmp}/m.pt", "--data", "demo:quick", "--batch-size", "0"], "--batch-size"),
+    (["evaluate", "--model", "{tmp}/m.pt", "--data", "demo:quick", "--device", "gpu0"], "--device"),
+])
+def test_other_commands_name_their_flags(argv, flag, tmp_path, capsys):
+    line = fails_with(capsys, [a.format(tmp=tmp_path) for a in argv], code=2)
+    assert line.startswith(f"error: {flag} ")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_library_config_error_keeps_its_python_name():
+    """Outside the command line the message names the Python setting (and says which it is)."""
+    from evoprune.errors import ConfigError
+    from evoprune.evolve import SearchConfig
+    with pytest.raises(ConfigError) as info:
+        SearchConfig(p_c=2.0).check()
+    assert info.value.setting == "p_c" and str(info.value).startswith("p_c must be a probability")
+    assert cli.setting_flag("target") == "--target-macs" and cli.setting_flag("connections") == "--no-connections"

@@ -99,6 +99,6 @@ def test_example_errors_are_one_line_and_an_exit_code(common, tmp_path, capsys, 
     assert code == 1 and err.startswith(f"error: {tmp_path / 'missing'}") and "must be one of" in err
     code = common.main(tiny_cnn, "tiny example", argv=["--data", str(tmp_path), "--p-mut", "2"])
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("error: p_mut must be a probability")
+    assert code == 2 and err.startswith("error: --p-mut must be a probability")
     assert common.main(tiny_cnn, "tiny example", argv=["--rounds", "x"]) == 2
     assert capsys.readouterr().err.startswith("error: argument --rounds")

@@ -73,6 +73,24 @@ def test_resnet18_cifar():
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
+def test_resnet18_tv_is_torchvisions_resnet18_with_its_imagenet_stem():
+    from evoprune.models import resnet18_tv
+    model = resnet18_tv().eval()
+    assert model.conv1.kernel_size == (7, 7) and model.conv1.stride == (2, 2)
+    assert isinstance(model.maxpool, nn.MaxPool2d)
+    assert count_parameters(model) == 11_181_642  # the shared teacher's parameter count (../shared/models)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_shared_resnet18_teacher_loads_strictly_into_resnet18_tv():
+    from pathlib import Path
+    from evoprune.models import resnet18_tv
+    path = Path(__file__).resolve().parents[2] / "shared" / "models" / "resnet18_tv_cifar10.pt"
+    assert path.is_file(), "../shared/models/resnet18_tv_cifar10.pt must sit beside the repository"
+    model = load_weights(resnet18_tv(), path)
+    assert model.fc.out_features == 10 and model.conv1.weight.abs().sum() > 0
+
+
 def test_tiny_cnn():
     model = tiny_cnn().eval()
     assert count_parameters(model) < 30_000
@@ -84,9 +102,9 @@ def test_tiny_cnn():
 
 
 def test_registry():
-    assert set(MODELS) == {"vgg16_bn", "vgg11_bn", "resnet18", "tiny"}
+    assert set(MODELS) == {"vgg16_bn", "vgg11_bn", "resnet18", "resnet18_tv", "tiny"}
     assert build("tiny", 3).classifier.out_features == 3
     assert build("resnet18", 10).fc.out_features == 10
-    with pytest.raises(ConfigError, match="resnet18.*tiny.*vgg11_bn.*vgg16_bn"):
+    with pytest.raises(ConfigError, match="resnet18.*resnet18_tv.*tiny.*vgg11_bn.*vgg16_bn"):
         build("vgg19")
     assert CIFAR10_CLASSES[0] == "airplane" and CIFAR10_CLASSES[-1] == "truck" and len(CIFAR10_CLASSES) == 10
