@@ -39,8 +39,16 @@ from .surgery import apply_plan
 from .toolbox import creator_types, register
 
 
+METHODS = ("ga", "random", "init")
+
+
 @dataclass
 class SearchConfig:
+    """The search's settings. ``method``: ``"ga"`` (the genetic algorithm), or one of two baselines given the GA's
+    evaluation budget (:meth:`evaluations`) and ranked by the same fitness: ``"random"`` (random search: random
+    plans, ``init="random"``, repaired into the budget) or ``"init"`` (the GA's own initial population alone, as
+    many individuals as the GA evaluates)."""
+
     rounds: int = 5
     generations: int = 4
     population: int = 30
@@ -56,6 +64,12 @@ class SearchConfig:
     init: str = "importance"
     connections: bool = True
     seed: int = 0
+    method: str = "ga"  # "ga", or a baseline at the GA's evaluation budget: "random" or "init"
+
+    def evaluations(self) -> int:
+        """The fitness evaluations of one round of the GA at most (the initial population, then ``population -
+        elites`` children per generation): the budget the ``random`` and ``init`` baselines get."""
+        return self.population + self.generations * (self.population - self.elites)
 
     def check(self):
         """Raise :class:`ConfigError` (its ``setting`` names the field) for the first setting out of range."""
@@ -79,6 +93,8 @@ class SearchConfig:
             raise ConfigError(f"must be 'macs' or 'params', got {self.target_kind!r}", setting="target_kind")
         if self.objective not in ("budget", "nsga2", "topk"):
             raise ConfigError(f"must be 'budget', 'nsga2' or 'topk', got {self.objective!r}", setting="objective")
+        if self.method not in METHODS:
+            raise ConfigError(f"must be one of {', '.join(METHODS)}, got {self.method!r}", setting="method")
         if self.importance not in IMPORTANCE_KINDS or self.importance == "taylor":
             raise ConfigError(f"must be one of l1, l2, bn, random, got {self.importance!r}", setting="importance")
 
@@ -210,7 +226,9 @@ def search(model: nn.Module, example_inputs: torch.Tensor, score_x: torch.Tensor
         toolbox = register(base.Toolbox(), space, evaluator, p_c=config.p_c, p_mut=config.p_mut,
                            objective=config.objective, elites=config.elites, macs_budget=macs_budget,
                            params_budget=params_budget, importance=importance, crossover=config.crossover,
-                           mutation=config.mutation, init=config.init)
+                           mutation=config.mutation, init="random" if config.method == "random" else config.init)
+        n_first = config.population if config.method == "ga" else config.evaluations()
+        last_gen = config.generations if config.method == "ga" else 0
         feasible = _feasibility(space, macs_budget, params_budget)
         front = tools.ParetoFront()
         if state is not None and resume_gen is not None and state.get("round") == k:
@@ -219,7 +237,7 @@ def search(model: nn.Module, example_inputs: torch.Tensor, score_x: torch.Tensor
             result.evaluated[-1] = evaluated = [tuple(p) for p in result.evaluated[-1]]
             first_gen = resume_gen + 1
         else:
-            pop = toolbox.population(config.population)
+            pop = toolbox.population(n_first)
             evaluated = []
             result.evaluated.append(evaluated)
             n = _evaluate(toolbox, pop, evaluated, _label(k, config, 0) if progress else None)
@@ -227,7 +245,7 @@ def search(model: nn.Module, example_inputs: torch.Tensor, score_x: torch.Tensor
             _record(logbook, k, 0, n, pop, feasible, space, verbose, ref_score)
             first_gen = 1
             _save(checkpoint_dir, space0, settings, result, k, 0, pop, front, current, original)
-        for gen in range(first_gen, config.generations + 1):
+        for gen in range(first_gen, last_gen + 1):
             elites = toolbox.select(pop, config.elites)
             pop = [toolbox.clone(e) for e in elites] + vary(toolbox, elites, config.population - len(elites))
             n = _evaluate(toolbox, pop, evaluated, _label(k, config, gen) if progress else None)

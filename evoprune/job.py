@@ -33,7 +33,7 @@ import torch.nn as nn
 from ._version import __version__
 from .data import Cifar10, ImageSet, normalize
 from .errors import CheckpointError, ConfigError
-from .evolve import SearchConfig, SearchResult, search
+from .evolve import METHODS, SearchConfig, SearchResult, search
 from .export import export
 from .fitness import FitnessConfig
 from .progress import status
@@ -45,7 +45,7 @@ from .train import evaluate, finetune
 #: without a flag (target_kind, crossover, finetune_lr, batch_size...) are API-only and keep their Python names.
 FLAGS = {
     "rounds": "--rounds", "population": "--population", "elites": "--elites", "p_c": "--p-c", "p_mut": "--p-mut",
-    "generations": "--generations", "target": "--target-macs", "objective": "--objective",
+    "generations": "--generations", "target": "--target-macs", "objective": "--objective", "method": "--method",
     "connections": "--no-connections", "finetune_epochs": "--finetune-epochs", "kd": "--no-kd",
     "score_samples": "--score-samples", "recal_batches": "--recal-batches", "seed": "--seed", "device": "--device",
     "resume": "--no-resume",
@@ -137,6 +137,10 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
     g.add_argument("--objective", choices=("budget", "nsga2", "topk"), default=d.objective,
                    help="selection: budget (best score under the MACs budget), nsga2 or topk (default: %(default)s)")
+    g.add_argument("--method", choices=METHODS, default=d.method,
+                   help="ga (the genetic algorithm), or a baseline at the GA's evaluation budget (population + "
+                        "generations x (population - elites) plans per round, ranked by the same fitness): random "
+                        "(random search) or init (the GA's initial population alone) (default: %(default)s)")
     g.add_argument("--no-connections", action="store_true", help="neuron chromosome only (no connection genes)")
     g.add_argument("--finetune-epochs", type=float, default=d.finetune_epochs,
                    help="fine-tuning epochs after each round, fractions allowed (default: %(default)s)")
@@ -156,7 +160,7 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
 def options_from_args(args: argparse.Namespace) -> JobOptions:
     opts = JobOptions(rounds=args.rounds, population=args.population, elites=args.elites, p_c=args.p_c,
                       p_mut=args.p_mut, generations=args.generations, target=args.target_macs,
-                      objective=args.objective, connections=not args.no_connections,
+                      objective=args.objective, method=args.method, connections=not args.no_connections,
                       finetune_epochs=args.finetune_epochs, kd=not args.no_kd, score_samples=args.score_samples,
                       recal_batches=args.recal_batches, seed=args.seed, device=args.device,
                       resume=not args.no_resume)

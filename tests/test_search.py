@@ -189,6 +189,31 @@ def test_toolbox_population_is_repaired_into_the_budget(trained):
             assert all(c >= 2 and (c % 2 == 0 or c == g.size) for c, g in zip(counts, space.groups))
 
 
+@pytest.mark.parametrize("method", ["random", "init"])
+def test_baselines_get_the_ga_evaluation_budget_and_respect_the_target(trained, method):
+    """random search and the initial population alone: as many plans as the GA may evaluate, one logbook entry,
+    a plan within the target, ranked by the same fitness."""
+    from evoprune.evolve import SearchConfig
+    model, x, y, recal, _ = trained
+    kwargs = dict(recal_x=recal[:2], rounds=1, generations=2, population=6, elites=2, target=0.4, seed=0,
+                  verbose=False, progress=False)
+    budget = SearchConfig(generations=2, population=6, elites=2).evaluations()
+    assert budget == 6 + 2 * (6 - 2)
+    base = search(model, x[:1], x[:200], y[:200], **kwargs)
+    other = search(model, x[:1], x[:200], y[:200], method=method, **kwargs)
+    assert [rec["gen"] for rec in other.logbook] == [0]
+    assert budget - 3 <= other.rows[0]["evaluations"] <= budget  # distinct plans only (a repeat is not rescored)
+    assert base.rows[0]["evaluations"] <= budget
+    assert other.rows[0]["macs"] <= 0.4 * other.baseline["macs"] + 1e-6
+    assert other.rows[0]["search_score"] == max(s for s, m in other.evaluated[0] if m <= 0.4 * other.baseline["macs"])
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(ConfigError, match="method"):
+        search(torch.nn.Linear(2, 2), torch.zeros(1, 2), torch.zeros(4, 2), torch.zeros(4, dtype=torch.long),
+               method="anneal")
+
+
 def test_register_and_search_share_their_defaults():
     """One default per setting: objective 'budget' and 4 generations, in register, search and the jobs."""
     import inspect
