@@ -36,7 +36,7 @@ from .plan import PruningPlan
 from .progress import bar, status
 from .space import PruningSpace
 from .surgery import apply_plan
-from .toolbox import creator_types, register
+from .toolbox import CROSSOVERS, MUTATIONS, creator_types, register
 
 
 METHODS = ("ga", "random", "init")
@@ -93,6 +93,12 @@ class SearchConfig:
             raise ConfigError(f"must be 'macs' or 'params', got {self.target_kind!r}", setting="target_kind")
         if self.objective not in ("budget", "nsga2", "topk"):
             raise ConfigError(f"must be 'budget', 'nsga2' or 'topk', got {self.objective!r}", setting="objective")
+        if self.crossover not in CROSSOVERS:
+            raise ConfigError(f"must be one of {', '.join(CROSSOVERS)}, got {self.crossover!r}", setting="crossover")
+        if self.mutation not in MUTATIONS:
+            raise ConfigError(f"must be one of {', '.join(MUTATIONS)}, got {self.mutation!r}", setting="mutation")
+        if self.init not in ("importance", "random"):
+            raise ConfigError(f"must be 'importance' or 'random', got {self.init!r}", setting="init")
         if self.method not in METHODS:
             raise ConfigError(f"must be one of {', '.join(METHODS)}, got {self.method!r}", setting="method")
         if self.importance not in IMPORTANCE_KINDS or self.importance == "taylor":

@@ -34,6 +34,7 @@ from ._version import __version__
 from .data import Cifar10, ImageSet, normalize
 from .errors import CheckpointError, ConfigError
 from .evolve import METHODS, SearchConfig, SearchResult, search
+from .toolbox import CROSSOVERS, MUTATIONS
 from .export import export
 from .fitness import FitnessConfig
 from .progress import status
@@ -42,10 +43,11 @@ from .storage import write_json
 from .train import evaluate, finetune
 
 #: The command-line flag of each setting (JobOptions fields and the command line's model/data sources). Settings
-#: without a flag (target_kind, crossover, finetune_lr, batch_size...) are API-only and keep their Python names.
+#: without a flag (target_kind, finetune_lr, batch_size...) are API-only and keep their Python names.
 FLAGS = {
     "rounds": "--rounds", "population": "--population", "elites": "--elites", "p_c": "--p-c", "p_mut": "--p-mut",
     "generations": "--generations", "target": "--target-macs", "objective": "--objective", "method": "--method",
+    "crossover": "--crossover", "mutation": "--mutation",
     "connections": "--no-connections", "finetune_epochs": "--finetune-epochs", "kd": "--no-kd",
     "score_samples": "--score-samples", "recal_batches": "--recal-batches", "seed": "--seed", "device": "--device",
     "resume": "--no-resume",
@@ -137,6 +139,11 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
     g.add_argument("--objective", choices=("budget", "nsga2", "topk"), default=d.objective,
                    help="selection: budget (best score under the MACs budget), nsga2 or topk (default: %(default)s)")
+    g.add_argument("--crossover", choices=CROSSOVERS, default=d.crossover,
+                   help="paper (one-point at the p_c cut) or uniform (whole groups swap) (default: %(default)s)")
+    g.add_argument("--mutation", choices=MUTATIONS, default=d.mutation,
+                   help="guided (importance-biased flips), bitflip (the paper's), swap (which channels, at constant "
+                        "widths), width (layer widths move) or mixed (width + swap) (default: %(default)s)")
     g.add_argument("--method", choices=METHODS, default=d.method,
                    help="ga (the genetic algorithm), or a baseline at the GA's evaluation budget (population + "
                         "generations x (population - elites) plans per round, ranked by the same fitness): random "
@@ -160,7 +167,8 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
 def options_from_args(args: argparse.Namespace) -> JobOptions:
     opts = JobOptions(rounds=args.rounds, population=args.population, elites=args.elites, p_c=args.p_c,
                       p_mut=args.p_mut, generations=args.generations, target=args.target_macs,
-                      objective=args.objective, method=args.method, connections=not args.no_connections,
+                      objective=args.objective, method=args.method,
+                      crossover=args.crossover, mutation=args.mutation, connections=not args.no_connections,
                       finetune_epochs=args.finetune_epochs, kd=not args.no_kd, score_samples=args.score_samples,
                       recal_batches=args.recal_batches, seed=args.seed, device=args.device,
                       resume=not args.no_resume)

@@ -60,11 +60,6 @@ def cx_group_uniform(ind1, ind2, layout: Layout, indpb: float = 0.5):
 
 
 # ---------------------------------------------------------------------------------------------------- mutation
-def mut_bitflip(individual, indpb: float):
-    """Flip each gene with probability ``indpb`` (``tools.mutFlipBit``)."""
-    return tools.mutFlipBit(individual, indpb)
-
-
 def mut_guided(individual, layout: Layout, ranks: Sequence[np.ndarray], indpb: float, conn_indpb: float = 0.0,
                sharpness: float = 4.0):
     """Importance-guided mutation: about ``indpb`` of each group's channels change state; a switch-off prefers
@@ -88,6 +83,64 @@ def mut_guided(individual, layout: Layout, ranks: Sequence[np.ndarray], indpb: f
         if random.random() < conn_indpb:
             individual[j] = 1 - individual[j]
     return (individual,)
+
+
+def mut_swap(individual, layout: Layout, ranks: Sequence[np.ndarray], indpb: float, sharpness: float = 0.0):
+    """Channel identity at constant widths: in every group about ``indpb`` of the kept channels trade places with as
+    many removed ones, so each layer's width (and the plan's MACs) stay the same while WHICH channels are kept
+    changes. ``sharpness`` biases the trade by importance rank (weights ``exp(±sharpness * rank)``, as in
+    :func:`mut_guided`); 0 chooses uniformly, so importance can bias the search but does not fix it."""
+    for i, r in enumerate(ranks):
+        sl = layout.group_slice(i)
+        genes = individual[sl]
+        on = [k for k, v in enumerate(genes) if v]
+        off = [k for k, v in enumerate(genes) if not v]
+        n = min(_binomial(len(on), indpb), len(off))
+        if n == 0:
+            continue
+        for k in _weighted_sample(on, [-sharpness * r[k] for k in on], n):
+            genes[k] = 0
+        for k in _weighted_sample(off, [sharpness * r[k] for k in off], n):
+            genes[k] = 1
+        individual[sl] = genes
+    return (individual,)
+
+
+def mut_width(individual, layout: Layout, ranks: Sequence[np.ndarray], sigma: float = 0.35, n_groups: int = 1):
+    """Layer widths: ``n_groups`` random groups grow or shrink by a factor ``exp(N(0, sigma))`` (the most important
+    removed channels come back first, the least important kept ones go first). Under a budget, the repair that
+    follows (the toolbox decorates every mutation with it) scales all groups back to the budget, so width moves
+    between layers at (nearly) equal MACs. Connection genes are left alone."""
+    n_groups = min(n_groups, len(ranks))
+    for i in random.sample(range(len(ranks)), n_groups):
+        sl = layout.group_slice(i)
+        genes = individual[sl]
+        have = sum(genes)
+        want = min(len(genes), max(1, round(have * math.exp(random.gauss(0.0, sigma)))))
+        if want == have:
+            want = min(len(genes), have + 1) if random.random() < 0.5 else max(1, have - 1)
+        individual[sl] = _set_count(genes, want, ranks[i])
+    return (individual,)
+
+
+def mut_mixed(individual, layout: Layout, ranks: Sequence[np.ndarray], indpb: float, conn_indpb: float = 0.0,
+              sigma: float = 0.35):
+    """The three moves together: a width move (:func:`mut_width`, one group), a channel-identity trade at constant
+    widths (:func:`mut_swap`, uniform choice) and, with probability ``conn_indpb`` each, connection-gene flips."""
+    mut_width(individual, layout, ranks, sigma=sigma)
+    mut_swap(individual, layout, ranks, indpb)
+    for j in range(layout.n_neurons, len(layout)):
+        if random.random() < conn_indpb:
+            individual[j] = 1 - individual[j]
+    return (individual,)
+
+
+def _weighted_sample(items: list, logits: list, n: int) -> list:
+    """``n`` distinct items drawn without replacement with probabilities ``softmax(logits)``, seeded from Python's
+    ``random``."""
+    w = np.exp(np.asarray(logits, dtype=float) - max(logits))
+    rng = np.random.default_rng(random.getrandbits(64))
+    return [items[j] for j in rng.choice(len(items), size=n, replace=False, p=w / w.sum())]
 
 
 def _binomial(n: int, p: float) -> int:

@@ -29,6 +29,8 @@ from .space import PruningSpace
 FITNESS = "EvoPruneFitness"
 INDIVIDUAL = "EvoPruneIndividual"
 OBJECTIVES = ("nsga2", "topk", "budget")
+CROSSOVERS = ("paper", "uniform")
+MUTATIONS = ("guided", "bitflip", "swap", "width", "mixed")
 
 
 def creator_types():
@@ -88,10 +90,10 @@ def register(toolbox: base.Toolbox, space: PruningSpace, evaluate: Callable, *, 
     p_mut = ops.check_probability("p_mut", p_mut)
     if objective not in OBJECTIVES:
         raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
-    if crossover not in ("paper", "uniform"):
-        raise ConfigError(f"crossover must be 'paper' or 'uniform', got {crossover!r}")
-    if mutation not in ("guided", "bitflip"):
-        raise ConfigError(f"mutation must be 'guided' or 'bitflip', got {mutation!r}")
+    if crossover not in CROSSOVERS:
+        raise ConfigError(f"must be one of {', '.join(CROSSOVERS)}, got {crossover!r}", setting="crossover")
+    if mutation not in MUTATIONS:
+        raise ConfigError(f"must be one of {', '.join(MUTATIONS)}, got {mutation!r}", setting="mutation")
     if init not in ("importance", "random"):
         raise ConfigError(f"init must be 'importance' or 'random', got {init!r}")
     if not isinstance(elites, int) or elites < 1:
@@ -132,8 +134,14 @@ def register(toolbox: base.Toolbox, space: PruningSpace, evaluate: Callable, *, 
         toolbox.register("mate", ops.cx_group_uniform, layout=layout)
     if mutation == "guided":
         toolbox.register("mutate", ops.mut_guided, layout=layout, ranks=ranks, indpb=indpb, conn_indpb=conn_indpb)
+    elif mutation == "bitflip":
+        toolbox.register("mutate", tools.mutFlipBit, indpb=indpb)
+    elif mutation == "swap":
+        toolbox.register("mutate", ops.mut_swap, layout=layout, ranks=ranks, indpb=indpb)
+    elif mutation == "width":
+        toolbox.register("mutate", ops.mut_width, layout=layout, ranks=ranks)
     else:
-        toolbox.register("mutate", ops.mut_bitflip, indpb=indpb)
+        toolbox.register("mutate", ops.mut_mixed, layout=layout, ranks=ranks, indpb=indpb, conn_indpb=conn_indpb)
     repair = _with_repair(space, ranks, macs_budget, params_budget, fill)
     toolbox.decorate("mate", repair)
     toolbox.decorate("mutate", repair)

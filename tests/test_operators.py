@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from deap import base
+from deap import base, tools
 
 from evoprune import ConfigError, PruningSpace
 from evoprune import operators as ops
@@ -83,7 +83,7 @@ def test_group_uniform_crossover_moves_whole_groups():
 def test_bitflip_rate_matches_indpb():
     random.seed(0)
     ind = [0] * 20000
-    ops.mut_bitflip(ind, 0.1)
+    tools.mutFlipBit(ind, 0.1)
     assert abs(sum(ind) / len(ind) - 0.1) < 0.01
 
 
@@ -113,6 +113,42 @@ def test_binomial_draws_follow_the_exact_distribution_at_small_n_p():
     a = [ops._binomial(n, p) for _ in range(10)]
     random.seed(5)
     assert [ops._binomial(n, p) for _ in range(10)] == a  # Python's random.seed alone reproduces the draws
+
+
+def test_swap_mutation_keeps_every_width_and_changes_which_channels_uniformly():
+    random.seed(1)
+    layout = Layout(("a", "b"), (40, 24), ("u",))
+    ranks = [np.linspace(0, 1, 40), np.linspace(0, 1, 24)]
+    dropped = np.zeros(40)
+    changed = 0
+    for _ in range(300):
+        ind = [1] * 20 + [0] * 20 + [1] * 12 + [0] * 12 + [1]
+        before = list(ind)
+        ops.mut_swap(ind, layout, ranks, indpb=0.2)
+        assert sum(ind[:40]) == 20 and sum(ind[40:64]) == 12 and ind[64] == 1  # widths and connection unchanged
+        changed += ind != before
+        dropped[:20] += [b and not a for a, b in zip(ind[:20], before[:20])]
+    assert changed > 250
+    # sharpness 0: the least and the most important halves of the kept channels are dropped about equally often
+    assert 0.7 < dropped[:10].sum() / dropped[10:20].sum() < 1.4
+
+
+def test_width_mutation_moves_width_between_layers_at_the_budget(setup):
+    """mut_width changes one group's width; the repair then brings the plan back under the budget, so
+    width has moved from some layers to others."""
+    model, x, space, ranks = setup
+    budget = 0.5 * space.base_macs
+    tb = register(base.Toolbox(), space, lambda ind: (0.0, 0.0), mutation="width", macs_budget=budget, seed=2)
+    moved = 0
+    for _ in range(40):
+        ind = tb.individual()
+        before = space.layout.kept_counts(ind).tolist()
+        tb.mutate(ind)
+        after = space.layout.kept_counts(ind).tolist()
+        macs = space.cost_of(ind)[0]
+        assert macs <= budget
+        moved += any(a > b for a, b in zip(after, before)) and any(a < b for a, b in zip(after, before))
+    assert moved >= 20
 
 
 def test_guided_mutation_prefers_low_importance_off_and_high_importance_on():
