@@ -13,12 +13,14 @@ images). For every (budget, seed, method) the pruned model is MACs-matched to th
 Methods (searched ones get the same evaluation budget, population + generations x (population - elites), and
 score the same fitness: top-1 on the val-search subset after BN re-calibration; neuron chromosome only):
 
-  ga          evoprune's GA with its default operators (importance-seeded init, paper crossover, guided mutation)
+  ga          evoprune's GA, importance-seeded init, paper crossover, guided mutation (the default before this study)
   ga-paper    the GA with the paper's bit-level operators (crossover at the p_c cut, bit-flip mutation)
   init        the GA's initial population alone (method="init")
   random      random search: random plans repaired into the budget (method="random")
   tp-uniform  torch_pruning.MetaPruner, GroupMagnitudeImportance(p=1), one ratio for every layer
   tp-global   the same with global_pruning=True
+  ga-mixed, ga-width, ga-swap   (on request) the GA with mutation="mixed" (the default since this study),
+              "width" or "swap"
 
 The seed is the search seed and the fine-tune seed. Differences between methods are paired by seed and by image:
 a hierarchical paired bootstrap resamples seeds, then report images, and gives a 95 % CI for each difference
@@ -52,12 +54,16 @@ from evoprune.train import finetune  # noqa: E402
 SHARED = ROOT.parent / "shared"
 WEIGHTS = {"resnet18_tv": "resnet18_tv_cifar10.pt", "vgg16_bn": "vgg16_bn_cifar10.pt"}
 SEARCHED = {  # method -> search() settings
-    "ga": {},
+    "ga": {"mutation": "guided"},
     "ga-paper": {"crossover": "paper", "mutation": "bitflip"},
     "init": {"method": "init"},
     "random": {"method": "random"},
+    "ga-mixed": {"mutation": "mixed"},
+    "ga-width": {"mutation": "width"},
+    "ga-swap": {"mutation": "swap"},
 }
-ALL_METHODS = ("ga", "ga-paper", "init", "random", "tp-uniform", "tp-global")
+ALL_METHODS = ("ga", "ga-paper", "init", "random", "tp-uniform", "tp-global", "ga-mixed", "ga-width", "ga-swap")
+DEFAULT_METHODS = ALL_METHODS[:6]
 
 
 def log(msg):
@@ -101,6 +107,18 @@ def correctness(model, imageset) -> np.ndarray:
     return np.concatenate(out).astype(np.uint8)
 
 
+def bits(correct: np.ndarray) -> str:
+    """Per-image correctness as a compact string of 0/1 characters (in report-set order)."""
+    return "".join("1" if c else "0" for c in correct)
+
+
+def unbits(text) -> np.ndarray:
+    """The inverse of :func:`bits` (also accepts the lists of 0/1 written by earlier versions)."""
+    if isinstance(text, str):
+        return np.frombuffer(text.encode(), dtype=np.uint8) - ord("0")
+    return np.asarray(text, dtype=np.uint8)
+
+
 def bootstrap_diff(a: np.ndarray, b: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
     """Mean of ``a - b`` (seeds x images, paired) and a hierarchical bootstrap 95 % CI: seeds, then images."""
     d = a.astype(np.float32) - b.astype(np.float32)
@@ -123,7 +141,8 @@ def main():
     p.add_argument("--data", default=str(SHARED / "data" / "cifar10-jpeg-trainval.tar.gz"))
     p.add_argument("--budgets", default="0.25")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--methods", default=",".join(ALL_METHODS))
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated, from {', '.join(ALL_METHODS)}; rows already in --out are kept")
     p.add_argument("--population", type=int, default=30)
     p.add_argument("--elites", type=int, default=5)
     p.add_argument("--generations", type=int, default=4)
@@ -198,7 +217,7 @@ def main():
                 row.update(macs=macs, params=params, macs_pct=100 * macs / base_macs)
                 recalibrate_bn(model, recal_x)
                 calib = correctness(model, report_set)
-                row["top1_calib"], row["correct_calib"] = float(calib.mean()), calib.tolist()
+                row["top1_calib"], row["correct_calib"] = float(calib.mean()), bits(calib)
                 if args.ft_epochs > 0:
                     t1 = time.perf_counter()
                     epochs = max(1, int(np.ceil(args.ft_epochs)))
@@ -206,7 +225,7 @@ def main():
                     finetune(model, data.train, epochs, teacher=teacher, lr=args.ft_lr, batch_size=64, seed=seed,
                              max_batches=steps, progress=False)
                     ft = correctness(model.cpu().eval(), report_set)
-                    row["top1_ft"], row["correct_ft"] = float(ft.mean()), ft.tolist()
+                    row["top1_ft"], row["correct_ft"] = float(ft.mean()), bits(ft)
                     row["ft_time_s"] = time.perf_counter() - t1
                 results["rows"].append(row)
                 save()
@@ -232,7 +251,7 @@ def render(results) -> str:
             lines += [f"### {frac:.0%} MACs, {'BN re-calibration only' if regime == 'calib' else 'after fine-tuning'}",
                       "", "| method | seeds | MACs % | params (M) | top-1 (mean ± sd) | ga minus method [95 % CI] |",
                       "|---|---|---|---|---|---|"]
-            ga = {r["seed"]: np.array(r[f"correct_{regime}"]) for r in sub if r["method"] == "ga"}
+            ga = {r["seed"]: unbits(r[f"correct_{regime}"]) for r in sub if r["method"] == "ga"}
             for m in methods:
                 mr = sorted((r for r in sub if r["method"] == m), key=lambda r: r["seed"])
                 vals = [r[f"top1_{regime}"] for r in mr]
@@ -241,7 +260,7 @@ def render(results) -> str:
                 common = [r["seed"] for r in mr if r["seed"] in ga]
                 if m != "ga" and common:
                     a = np.stack([ga[s] for s in common])
-                    b = np.stack([np.array(r[f"correct_{regime}"]) for r in mr if r["seed"] in ga])
+                    b = np.stack([unbits(r[f"correct_{regime}"]) for r in mr if r["seed"] in ga])
                     mean, lo, hi = bootstrap_diff(a, b)
                     verdict = "ga better" if lo > 0 else ("ga worse" if hi < 0 else "no difference shown")
                     cell = f"{100 * mean:+.2f} pp [{100 * lo:+.2f}, {100 * hi:+.2f}] ({verdict})"

@@ -59,7 +59,7 @@ class SearchConfig:
     target_kind: str = "macs"  # "macs" or "params"
     objective: str = "budget"  # "budget", "nsga2" or "topk"
     crossover: str = "paper"
-    mutation: str = "guided"
+    mutation: str = "mixed"  # B1s (ResNet-18, 3 seeds): ahead of "guided" before fine-tuning, level after
     importance: str = "l1"
     init: str = "importance"
     connections: bool = True
@@ -348,8 +348,12 @@ def _label(k, config, gen):
 
 def _num_classes(model, example_inputs, score_y) -> int:
     """Classes of the task: the model's output width (labels as a fallback)."""
-    with torch.no_grad():
-        out = model.eval()(example_inputs)
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(example_inputs)
+    finally:
+        model.train(was_training)
     if isinstance(out, torch.Tensor) and out.dim() == 2:
         return int(out.shape[1])
     return int(torch.as_tensor(score_y).max()) + 1

@@ -66,7 +66,7 @@ def _with_repair(space, ranks, macs_budget, params_budget, fill, *, single=False
 def register(toolbox: base.Toolbox, space: PruningSpace, evaluate: Callable, *, p_c: float = 0.6,
              p_mut: float = 0.6, objective: str = "budget", elites: int = 5, macs_budget: float | None = None,
              params_budget: float | None = None, importance: dict | None = None, crossover: str = "paper",
-             mutation: str = "guided", indpb: float | None = None, conn_indpb: float | None = None,
+             mutation: str = "mixed", indpb: float | None = None, conn_indpb: float | None = None,
              init: str = "importance", keep_range=(0.2, 1.0), init_spread: float = 0.3, init_global: float = 0.25,
              fill: float | None = 0.98,
              seed: int | None = None) -> base.Toolbox:
@@ -82,6 +82,9 @@ def register(toolbox: base.Toolbox, space: PruningSpace, evaluate: Callable, *, 
     ``init="importance"`` seeds individuals from importance at a spread of keep ratios, with per-group widths
     jittered by ``init_spread`` (log-normal) and a share ``init_global`` ranked across groups (torch-pruning's
     global allocation), so that the first generation already holds different layer-width allocations.
+    ``mutation``: ``"mixed"`` (the default: one group's width moves, then about ``indpb`` of every group's kept
+    channels trade places with removed ones, uniformly; the repair rebalances the budget), ``"guided"``
+    (importance-biased flips), ``"swap"``, ``"width"`` or ``"bitflip"`` (the paper's, ``tools.mutFlipBit``).
     ``fill``: in budget mode, offspring under ``fill`` of the budget grow back towards it (None turns it off), so
     the search compares plan shapes at nearly equal MACs. ``seed`` seeds Python's ``random`` (DEAP's source of
     randomness) and numpy.
