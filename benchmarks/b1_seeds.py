@@ -150,6 +150,7 @@ def main():
     p.add_argument("--recal-batches", type=int, default=20, help="64-image training batches for BN re-calibration")
     p.add_argument("--ft-epochs", type=float, default=1.0, help="fine-tune epochs (0: calibration-only)")
     p.add_argument("--ft-lr", type=float, default=0.01)
+    p.add_argument("--base", default="ga", help="the method every other one is compared with (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -180,8 +181,8 @@ def main():
                "rows": []}
     if out.exists():  # resume: keep the rows already measured with the same settings
         old = json.loads(out.read_text())
-        if {k: v for k, v in old["settings"].items() if k != "methods"} == \
-                {k: v for k, v in vars(args).items() if k != "methods"}:
+        if {k: v for k, v in old["settings"].items() if k not in ("methods", "base")} == \
+                {k: v for k, v in vars(args).items() if k not in ("methods", "base")}:
             results["rows"] = old["rows"]
     done = {(r["budget"], r["seed"], r["method"]) for r in results["rows"]}
     log(f"{args.arch}: {base_macs / 1e6:.1f} MMACs, {base_params / 1e6:.2f} M params, teacher top-1 on val-report "
@@ -232,14 +233,14 @@ def main():
                 log(f"{frac:.0%} seed {seed} {method:10s} MACs {row['macs_pct']:5.1f}% params {params / 1e6:5.2f}M "
                     f"calib {row['top1_calib']:.4f}" + (f" ft {row['top1_ft']:.4f}" if "top1_ft" in row else "")
                     + f"  ({row['search_time_s']:.0f} s search)")
-    table = render(results)
+    table = render(results, base=args.base)
     write_text(out.with_suffix(".md"), table)
     print(table)
     log(f"done in {time.perf_counter() - t_start:.0f} s -> {out}")
 
 
-def render(results) -> str:
-    """Mean +- sd per method and regime, and the paired bootstrap CI of ga minus each other method."""
+def render(results, base: str = "ga") -> str:
+    """Mean +- sd per method and regime, and the paired bootstrap CI of ``base`` minus each other method."""
     rows = results["rows"]
     lines = [f"Teacher top-1 on val-report: {results['teacher']['top1_report']:.4f}", ""]
     for frac in sorted({r["budget"] for r in rows}, reverse=True):
@@ -249,20 +250,20 @@ def render(results) -> str:
                 continue
             methods = list(dict.fromkeys(r["method"] for r in sub))
             lines += [f"### {frac:.0%} MACs, {'BN re-calibration only' if regime == 'calib' else 'after fine-tuning'}",
-                      "", "| method | seeds | MACs % | params (M) | top-1 (mean ± sd) | ga minus method [95 % CI] |",
+                      "", f"| method | seeds | MACs % | params (M) | top-1 (mean ± sd) | {base} minus method [95 % CI] |",
                       "|---|---|---|---|---|---|"]
-            ga = {r["seed"]: unbits(r[f"correct_{regime}"]) for r in sub if r["method"] == "ga"}
+            ga = {r["seed"]: unbits(r[f"correct_{regime}"]) for r in sub if r["method"] == base}
             for m in methods:
                 mr = sorted((r for r in sub if r["method"] == m), key=lambda r: r["seed"])
                 vals = [r[f"top1_{regime}"] for r in mr]
                 sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
                 cell = "-"
                 common = [r["seed"] for r in mr if r["seed"] in ga]
-                if m != "ga" and common:
+                if m != base and common:
                     a = np.stack([ga[s] for s in common])
                     b = np.stack([unbits(r[f"correct_{regime}"]) for r in mr if r["seed"] in ga])
                     mean, lo, hi = bootstrap_diff(a, b)
-                    verdict = "ga better" if lo > 0 else ("ga worse" if hi < 0 else "no difference shown")
+                    verdict = f"{base} better" if lo > 0 else (f"{base} worse" if hi < 0 else "no difference shown")
                     cell = f"{100 * mean:+.2f} pp [{100 * lo:+.2f}, {100 * hi:+.2f}] ({verdict})"
                 lines.append(f"| {m} | {len(vals)} | {statistics.mean(r['macs_pct'] for r in mr):.1f} | "
                              f"{statistics.mean(r['params'] for r in mr) / 1e6:.2f} | "
