@@ -20,7 +20,8 @@ score the same fitness: top-1 on the val-search subset after BN re-calibration; 
   tp-uniform  torch_pruning.MetaPruner, GroupMagnitudeImportance(p=1), one ratio for every layer
   tp-global   the same with global_pruning=True
   ga-mixed, ga-width, ga-swap   (on request) the GA with mutation="mixed" (the default since this study),
-              "width" or "swap"
+              "width" or "swap"; ga-mixed-random-rank: mutation="mixed" with importance="random" (channels
+              ranked at random instead of by L1: seeding, repair and guided moves no longer follow magnitude)
 
 The seed is the search seed and the fine-tune seed. Differences between methods are paired by seed and by image:
 a hierarchical paired bootstrap resamples seeds, then report images, and gives a 95 % CI for each difference
@@ -61,8 +62,10 @@ SEARCHED = {  # method -> search() settings
     "ga-mixed": {"mutation": "mixed"},
     "ga-width": {"mutation": "width"},
     "ga-swap": {"mutation": "swap"},
+    "ga-mixed-random-rank": {"mutation": "mixed", "importance": "random"},
 }
-ALL_METHODS = ("ga", "ga-paper", "init", "random", "tp-uniform", "tp-global", "ga-mixed", "ga-width", "ga-swap")
+ALL_METHODS = ("ga", "ga-paper", "init", "random", "tp-uniform", "tp-global", "ga-mixed", "ga-width", "ga-swap",
+               "ga-mixed-random-rank")
 DEFAULT_METHODS = ALL_METHODS[:6]
 
 
