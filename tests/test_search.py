@@ -214,6 +214,22 @@ def test_unknown_method_is_refused():
                method="anneal")
 
 
+def test_search_output_in_a_log_has_no_terminal_escapes(trained, capfd, monkeypatch):
+    """With stderr not a terminal (a log file), the search writes its logbook lines and round summary as plain
+    lines: no progress-bar redraws, no \\r or escape sequences, nothing on stdout."""
+    monkeypatch.delenv("EVOPRUNE_PROGRESS", raising=False)
+    model, x, y, recal, _ = trained
+    search(model, x[:1], x[:200], y[:200], recal_x=recal[:2], rounds=1, generations=1, population=4, elites=2,
+           target=0.5, seed=0, verbose=True, progress=True)
+    out, err = capfd.readouterr()
+    assert out == ""
+    assert "\r" not in err and "\x1b" not in err
+    lines = err.splitlines()
+    assert any(line.split()[:3] == ["round", "gen", "evals"] for line in lines)  # the logbook header
+    assert sum(line.split()[:2] in (["1", "0"], ["1", "1"]) for line in lines) == 2  # one line per generation
+    assert "evoprune: round 1:" in err
+
+
 def test_register_and_search_share_their_defaults():
     """One default per setting: objective 'budget' and 4 generations, in register, search and the jobs."""
     import inspect
