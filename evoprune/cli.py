@@ -431,12 +431,6 @@ def read_weights(path: str) -> dict:
         raise
 
 
-def fit_weights(model, state: dict, path: str, hint: str):
-    """Load ``state`` (from ``--weights path``) into ``model`` strictly; ``hint`` ends the mismatch error."""
-    from .models import fit_weights as fit
-    return fit(model, state, path, hint=hint)
-
-
 def _classes_in(state: dict, arch: str) -> int | None:
     """The number of classes a state_dict for ``arch`` was saved with: the width of the architecture's last
     Linear layer in ``state`` (None if it is not there)."""
@@ -565,6 +559,7 @@ def prune_job(build_model: Callable, args: argparse.Namespace, *, title: str) ->
     with the same settings is not redone (exit 0). A bad ``--weights`` file is refused before the data load."""
     from . import job
     from .errors import ConfigError
+    from .models import fit_weights
     opts = job.options_from_args(args)
     if args.baseline_epochs < 1:
         raise ConfigError(f"--baseline-epochs must be >= 1, got {args.baseline_epochs}")
@@ -580,8 +575,8 @@ def prune_job(build_model: Callable, args: argparse.Namespace, *, title: str) ->
     classes = len(data.train.classes)
     model = build_model(num_classes=classes)
     if state is not None:
-        fit_weights(model, state, args.weights, f"Pass the --arch it was saved from (the number of classes, "
-                                                 f"{classes}, comes from --data).")
+        fit_weights(model, state, args.weights, hint=f"Pass the --arch it was saved from (the number of classes, "
+                                                      f"{classes}, comes from --data).")
     else:
         model = baseline(model, data, args.out, args.baseline_epochs, opts)
     result = job.run(model.eval(), data, args.out, opts, title=title, source=source)
@@ -725,7 +720,7 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from .errors import ConfigError
     from .job import val_splits
-    from .models import build
+    from .models import build, fit_weights
     from .train import evaluate
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -735,8 +730,8 @@ def cmd_evaluate(args) -> int:
         data = load_data(args)
         classes = len(data.train.classes)
         model = fit_weights(build(args.arch, num_classes=classes), state, args.weights,
-                            f"Pass the --arch it was saved from (the number of classes, {classes}, comes from "
-                            "--data).")
+                            hint=f"Pass the --arch it was saved from (the number of classes, {classes}, comes "
+                                 "from --data).")
         where = f"{args.arch} with {args.weights}"
     else:
         model = load_model_file(args.model, trust=args.trust_pickle, purpose="evaluate")
@@ -775,13 +770,13 @@ def cmd_export(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .models import build
+    from .models import build, fit_weights
     if args.arch and args.weights:
         shape = args.input_shape or DEFAULT_INPUT_SHAPE
         state = read_weights(args.weights)
         classes = args.num_classes or _classes_in(state, args.arch) or 10
         hint = "Pass the --arch it was saved from" + (" and its --num-classes." if args.num_classes else ".")
-        model = fit_weights(build(args.arch, num_classes=classes), state, args.weights, hint).eval()
+        model = fit_weights(build(args.arch, num_classes=classes), state, args.weights, hint=hint).eval()
         info = {"source": f"--arch {args.arch} --weights {args.weights}", **model_info(model, shape)}
         info["space"] = _space_or_reason(model, shape)
     elif args.arch:

@@ -205,25 +205,18 @@ def load_module(path: str | os.PathLike, *, trust: bool = False) -> torch.nn.Mod
                 return torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:
             raise _corrupt(path, exc) from None
-    state_dict_error = CheckpointError(
-        f"{path}: holds a state_dict (weights only), not a whole model; load it into the model it was saved from "
-        "with evoprune.models.load_weights(model, path)", reason="state_dict")
-    if not trust:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            raise CheckpointError(
-                f"{path}: is a pickled Python object, and unpickling can run arbitrary code. Load it only if you "
-                "trust its source: pass trust=True (CLI: --trust-pickle). For deployment prefer the TorchScript or "
-                "ONNX export.", reason="untrusted") from None
-        except Exception as exc:
-            raise _corrupt(path, exc) from None
-        if _is_tensor_dict(obj) or (isinstance(obj, dict) and _is_tensor_dict(obj.get("state_dict"))):
-            raise state_dict_error
-        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not an nn.Module", reason="not-module")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = torch.load(path, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as exc:  # only the weights-only unpickler refuses classes
+        if trust:
+            raise _corrupt(path, exc) from None
+        raise CheckpointError(
+            f"{path}: is a pickled Python object, and unpickling can run arbitrary code. Load it only if you "
+            "trust its source: pass trust=True (CLI: --trust-pickle). For deployment prefer the TorchScript or "
+            "ONNX export.", reason="untrusted") from None
     except (AttributeError, ImportError) as exc:  # the pickle names a class this Python cannot import
+        if not trust:
+            raise _corrupt(path, exc) from None
         raise CheckpointError(
             f"{path}: the pickled model needs a class that cannot be imported here ({type(exc).__name__}: {exc}); "
             "run where the model's code is importable (e.g. add its folder to PYTHONPATH), or export it as "
@@ -231,7 +224,9 @@ def load_module(path: str | os.PathLike, *, trust: bool = False) -> torch.nn.Mod
     except Exception as exc:
         raise _corrupt(path, exc) from None
     if _is_tensor_dict(obj) or (isinstance(obj, dict) and _is_tensor_dict(obj.get("state_dict"))):
-        raise state_dict_error
+        raise CheckpointError(
+            f"{path}: holds a state_dict (weights only), not a whole model; load it into the model it was saved "
+            "from with evoprune.models.load_weights(model, path)", reason="state_dict")
     if not isinstance(obj, torch.nn.Module):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not an nn.Module", reason="not-module")
     return obj
