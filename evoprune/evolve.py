@@ -31,6 +31,8 @@ from .export import layer_widths, model_bytes
 from .fitness import Evaluator, FitnessConfig, recalibrate_bn, reference_score
 from .importance import KINDS as IMPORTANCE_KINDS
 from .importance import channel_importance
+from .latency import RUNTIMES, LatencyTable, check_runtime, kernel_step
+from .latency import measure as measure_latency
 from .operators import check_probability, sel_budget
 from .plan import PruningPlan
 from .progress import bar, status
@@ -40,6 +42,7 @@ from .toolbox import CROSSOVERS, MUTATIONS, creator_types, register
 
 
 METHODS = ("ga", "random", "init")
+TARGET_KINDS = ("macs", "params", "latency")
 
 
 @dataclass
@@ -55,8 +58,8 @@ class SearchConfig:
     elites: int = 5
     p_c: float = 0.6
     p_mut: float = 0.6
-    target: float = 0.5
-    target_kind: str = "macs"  # "macs" or "params"
+    target: float = 0.5  # a fraction of the original MACs/params, or with target_kind="latency" a budget in ms
+    target_kind: str = "macs"  # "macs", "params" or "latency" (measured on ``runtime``; the cost is then in ms)
     objective: str = "budget"  # "budget", "nsga2" or "topk"
     crossover: str = "paper"
     mutation: str = "mixed"  # B1s (ResNet-18, 3 seeds): ahead of "guided" before fine-tuning, level after
@@ -65,6 +68,10 @@ class SearchConfig:
     connections: bool = True
     seed: int = 0
     method: str = "ga"  # "ga", or a baseline at the GA's evaluation budget: "random" or "init"
+    runtime: str = "onnxruntime"  # latency target: the deployment runtime ("onnxruntime" or "torch")
+    latency_batch: int = 1  # latency target: the batch the latency is measured (and reported) at
+    threads: int = 1  # latency target: the runtime's intra-op threads
+    snap: bool = True  # latency target: widths in multiples of the runtime's channel block (latency.kernel_step)
 
     def evaluations(self) -> int:
         """The fitness evaluations of one round of the GA at most (the initial population, then ``population -
@@ -85,12 +92,23 @@ class SearchConfig:
                               f"{self.elites!r}", setting="elites")
         check_probability("p_c", self.p_c)
         check_probability("p_mut", self.p_mut)
-        if isinstance(self.target, bool) or not isinstance(self.target, (int, float)) or \
+        if self.target_kind not in TARGET_KINDS:
+            raise ConfigError(f"must be 'macs', 'params' or 'latency', got {self.target_kind!r}",
+                              setting="target_kind")
+        if self.target_kind == "latency":
+            if isinstance(self.target, bool) or not isinstance(self.target, (int, float)) or \
+                    not 0 < self.target < math.inf:
+                raise ConfigError(f"must be a latency in ms > 0, got {self.target!r}", setting="target_latency_ms")
+            if self.runtime not in RUNTIMES:
+                raise ConfigError(f"must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}", setting="runtime")
+            for name in ("latency_batch", "threads"):
+                v = getattr(self, name)
+                if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                    raise ConfigError(f"must be an int >= 1, got {v!r}", setting=name)
+        elif isinstance(self.target, bool) or not isinstance(self.target, (int, float)) or \
                 not 0 < self.target <= 1 or math.isnan(self.target):
             raise ConfigError(f"must be a fraction in (0, 1] of the original MACs/params, got {self.target!r}",
                               setting="target")
-        if self.target_kind not in ("macs", "params"):
-            raise ConfigError(f"must be 'macs' or 'params', got {self.target_kind!r}", setting="target_kind")
         if self.objective not in ("budget", "nsga2", "topk"):
             raise ConfigError(f"must be 'budget', 'nsga2' or 'topk', got {self.objective!r}", setting="objective")
         if self.crossover not in CROSSOVERS:
@@ -118,22 +136,30 @@ class SearchResult:
     logbook: tools.Logbook
     model: nn.Module | None = None
     baseline: dict = field(default_factory=dict)
+    cost: str = "macs"  # what the second objective (``evaluated``, ``pareto``) is: "macs", or "ms" (latency)
 
     def to_dict(self) -> dict:
         return {"baseline": self.baseline, "rows": self.rows, "widths": self.widths, "plans": self.plans,
-                "pareto": self.pareto, "logbook": list(self.logbook)}
+                "pareto": self.pareto, "logbook": list(self.logbook), "cost": self.cost}
 
     def table(self) -> str:
         """Tables 2 and 3 of the paper for this run, as markdown."""
-        head = "| round | params (M) | size (MB) | top-1 | reduction (%) | MMACs | time (s) |\n|---|---|---|---|---|---|---|"
-        lines = [head]
         b = self.baseline
+        lat = "latency_ms" in b
+        two = lat and b["latency_batch"] != 1
+        head = "| round | params (M) | size (MB) | top-1 | reduction (%) | MMACs | time (s) |"
+        if lat:
+            head += " latency (ms, batch 1) |" + (f" latency (ms, batch {b['latency_batch']}) |" if two else "")
+        lines = [head, "|---" * head.count(" | ") + "|---|"]
+
+        def latency(r):
+            return (f" {r['latency_ms']:.3f} |" + (f" {r['latency_batch_ms']:.3f} |" if two else "")) if lat else ""
         if b:
             lines.append(f"| 0 | {b['params'] / 1e6:.3f} | {b['size_mb']:.3f} | {_fmt(b.get('top1'))} | 0 | "
-                         f"{b['macs'] / 1e6:.1f} | - |")
+                         f"{b['macs'] / 1e6:.1f} | - |" + latency(b))
         for r in self.rows:
             lines.append(f"| {r['round']} | {r['params'] / 1e6:.3f} | {r['size_mb']:.3f} | {_fmt(r['top1'])} | "
-                         f"{r['reduction_pct']:.1f} | {r['macs'] / 1e6:.1f} | {r['time_s']:.1f} |")
+                         f"{r['reduction_pct']:.1f} | {r['macs'] / 1e6:.1f} | {r['time_s']:.1f} |" + latency(r))
         return "\n".join(lines)
 
     def widths_table(self) -> str:
@@ -150,10 +176,19 @@ def _fmt(x):
     return "-" if x is None else f"{x:.4f}"
 
 
-def _model_row(model, example_inputs):
+def _model_row(model, example_inputs, config=None):
+    """params, size and MACs of ``model``; with a latency target also its latency measured on the runtime at batch
+    1 and at the latency batch."""
     import torch_pruning as tp
     macs, params = tp.utils.count_ops_and_params(model, example_inputs)
-    return {"params": int(params), "size_mb": model_bytes(model) / 2**20, "macs": float(macs)}
+    row = {"params": int(params), "size_mb": model_bytes(model) / 2**20, "macs": float(macs)}
+    if config is not None and config.target_kind == "latency":
+        kw = dict(runtime=config.runtime, threads=config.threads)
+        row["latency_ms"] = measure_latency(model, example_inputs, batch=1, **kw).median_ms
+        row["latency_batch"] = config.latency_batch
+        row["latency_batch_ms"] = row["latency_ms"] if config.latency_batch == 1 else \
+            measure_latency(model, example_inputs, batch=config.latency_batch, **kw).median_ms
+    return row
 
 
 def search(model: nn.Module, example_inputs: torch.Tensor, score_x: torch.Tensor, score_y: torch.Tensor, *,
@@ -163,7 +198,7 @@ def search(model: nn.Module, example_inputs: torch.Tensor, score_x: torch.Tensor
            config: SearchConfig | None = None,
            fitness: FitnessConfig | None = None, space_kwargs: dict | None = None,
            checkpoint_dir: str | None = None, progress: bool = True, verbose: bool = True,
-           **overrides) -> SearchResult:
+           latency_cache: str | None = None, **overrides) -> SearchResult:
     """Run the multi-round GA and return a :class:`SearchResult` (its ``model`` is the final pruned model).
 
     ``score_x``/``score_y``: the fitness subset (held out; never the images you report accuracy on).
@@ -173,6 +208,12 @@ def search(model: nn.Module, example_inputs: torch.Tensor, score_x: torch.Tensor
     ``target=``, ``objective=``, ``seed=``...). ``on_round(round, model, row, plan)`` is called after each round
     (to export it, say). With ``checkpoint_dir`` the state is saved after every generation and
     an existing checkpoint there is resumed.
+
+    ``target_kind="latency"``: ``target`` is a latency budget in ms on ``runtime`` at ``latency_batch`` with
+    ``threads`` threads. Each round measures a :class:`evoprune.latency.LatencyTable` of its model (cached in
+    ``latency_cache``, default ``~/.cache/evoprune``), the fitness cost is the predicted latency, the budget falls
+    geometrically from the measured latency of the original model to ``target``, and each row reports the measured
+    latency of the pruned model. A budget below the smallest legal plan's is refused before any search.
     """
     config = _replace(config or SearchConfig(), overrides)
     config.check()
@@ -182,18 +223,28 @@ def search(model: nn.Module, example_inputs: torch.Tensor, score_x: torch.Tensor
         raise ConfigError(f"search expects an nn.Module, got {type(model).__name__}")
     space_kwargs = dict(space_kwargs or {})
     space_kwargs.setdefault("connections", config.connections)
+    timed = config.target_kind == "latency"
+    if timed:
+        check_runtime(config.runtime)
+        if config.snap:
+            space_kwargs.setdefault("round_to", kernel_step())
     settings = {k: v for k, v in vars(config).items()}
     settings.update({f"fitness.{k}": v for k, v in vars(fitness).items() if k not in ("threads", "trace_dir")})
 
     original = model
     space0 = PruningSpace.from_model(original, example_inputs, **space_kwargs)
-    baseline = _model_row(original, example_inputs)
+    table0 = _latency_table(original, space0, example_inputs, config, latency_cache) if timed else None
+    if timed:
+        table0.check_budget(config.target)
+    baseline = _model_row(original, example_inputs, config)
     baseline["top1"] = report(original) if report else None
     state = ckpt.load(checkpoint_dir, fingerprint=space0.fingerprint, settings=settings) if checkpoint_dir else None
     creator_types()
     logbook = tools.Logbook()
-    logbook.header = ["round", "gen", "evals", "feasible", "best", "median", "best_mmacs", "min_mmacs", "hv"]
-    result = SearchResult([], [layer_widths(original)], [], [], [], logbook, baseline=baseline)
+    cost = "ms" if timed else "macs"
+    logbook.header = ["round", "gen", "evals", "feasible", "best", "median"] + \
+        (["best_ms", "min_ms"] if timed else ["best_mmacs", "min_mmacs"]) + ["hv"]
+    result = SearchResult([], [layer_widths(original)], [], [], [], logbook, baseline=baseline, cost=cost)
     current = original
     start_round, resume_gen = 1, None
     if state is None:
@@ -219,23 +270,30 @@ def search(model: nn.Module, example_inputs: torch.Tensor, score_x: torch.Tensor
             status(f"evoprune: resumed from {checkpoint_dir} at round {start_round}, generation "
                    f"{resume_gen + 1 if resume_gen is not None else 0}")
 
-    total = baseline["macs"] if config.target_kind == "macs" else baseline["params"]
+    total = {"macs": baseline["macs"], "params": baseline["params"]}.get(config.target_kind) or table0.base_ms
+    target = config.target / total if timed else config.target
     ref_score = reference_score(fitness.metric, _num_classes(original, example_inputs, score_y))
     for k in range(start_round, config.rounds + 1):
         t0 = time.perf_counter()
-        budget = total * config.target ** (k / config.rounds)
+        budget = total * target ** (k / config.rounds)
         space = space0 if current is original else PruningSpace.from_model(current, example_inputs, **space_kwargs)
+        table = None if not timed else table0 if current is original else \
+            _latency_table(current, space, example_inputs, config, latency_cache)
         importance = channel_importance(current, space, example_inputs, config.importance, seed=config.seed + k)
-        evaluator = Evaluator(current, space, score_x, score_y, recal_x, fitness)
+        evaluator = Evaluator(current, space, score_x, score_y, recal_x, fitness, latency=table)
         macs_budget = budget if config.target_kind == "macs" else None
         params_budget = budget if config.target_kind == "params" else None
+        latency_budget = budget if timed else None
         toolbox = register(base.Toolbox(), space, evaluator, p_c=config.p_c, p_mut=config.p_mut,
                            objective=config.objective, elites=config.elites, macs_budget=macs_budget,
                            params_budget=params_budget, importance=importance, crossover=config.crossover,
-                           mutation=config.mutation, init="random" if config.method == "random" else config.init)
+                           mutation=config.mutation, init="random" if config.method == "random" else config.init,
+                           latency=table, latency_budget=latency_budget)
         n_first = config.population if config.method == "ga" else config.evaluations()
         last_gen = config.generations if config.method == "ga" else 0
-        feasible = _feasibility(space, macs_budget, params_budget)
+        feasible = _feasibility(space, macs_budget, params_budget, latency_budget)
+        base_cost = table.base_ms if timed else space.base_macs
+        cost_budget = latency_budget if timed else macs_budget
         front = tools.ParetoFront()
         if state is not None and resume_gen is not None and state.get("round") == k:
             pop = _restore_population(state["population"])
@@ -248,7 +306,7 @@ def search(model: nn.Module, example_inputs: torch.Tensor, score_x: torch.Tensor
             result.evaluated.append(evaluated)
             n = _evaluate(toolbox, pop, evaluated, _label(k, config, 0) if progress else None)
             front.update(pop)
-            _record(logbook, k, 0, n, pop, feasible, space, verbose, ref_score)
+            _record(logbook, k, 0, n, pop, feasible, base_cost, cost, verbose, ref_score)
             first_gen = 1
             _save(checkpoint_dir, space0, settings, result, k, 0, pop, front, current, original)
         for gen in range(first_gen, last_gen + 1):
@@ -256,9 +314,9 @@ def search(model: nn.Module, example_inputs: torch.Tensor, score_x: torch.Tensor
             pop = [toolbox.clone(e) for e in elites] + vary(toolbox, elites, config.population - len(elites))
             n = _evaluate(toolbox, pop, evaluated, _label(k, config, gen) if progress else None)
             front.update(pop)
-            _record(logbook, k, gen, n, pop, feasible, space, verbose, ref_score)
+            _record(logbook, k, gen, n, pop, feasible, base_cost, cost, verbose, ref_score)
             _save(checkpoint_dir, space0, settings, result, k, gen, pop, front, current, original)
-        best = _choose(pop + list(front), feasible, config.objective, macs_budget)
+        best = _choose(pop + list(front), feasible, config.objective, cost_budget)
         plan = space.decode(best)
         pruned = apply_plan(current, plan, example_inputs, space=space)
         if fitness.bn_recalibration and recal_x:
@@ -267,7 +325,7 @@ def search(model: nn.Module, example_inputs: torch.Tensor, score_x: torch.Tensor
         top1_pruned = report(pruned) if report else None
         if finetune is not None:
             pruned = finetune(pruned, k)
-        row = _model_row(pruned, example_inputs)
+        row = _model_row(pruned, example_inputs, config)
         row.update({
             "round": k, "budget": budget, "search_score": search_score, "top1_pruned": top1_pruned,
             "top1": report(pruned) if report else None,
@@ -276,6 +334,8 @@ def search(model: nn.Module, example_inputs: torch.Tensor, score_x: torch.Tensor
             "evaluations": sum(r.get("evals", 0) for r in logbook if r["round"] == k),
             "cut": list(plan.cut),
         })
+        if timed:
+            row["predicted_ms"] = table.predict(plan)
         result.rows.append(row)
         result.plans.append(plan.to_dict())
         result.widths.append(layer_widths(pruned))
@@ -287,7 +347,9 @@ def search(model: nn.Module, example_inputs: torch.Tensor, score_x: torch.Tensor
         _save(checkpoint_dir, space0, settings, result, k + 1, None, None, None, current, original)
         if verbose:
             status(f"evoprune: round {k}: {row['params'] / 1e6:.3f} M params, {row['macs'] / 1e6:.1f} MMACs "
-                   f"({row['macs_pct']:.1f} %), search score {search_score:.4f}"
+                   f"({row['macs_pct']:.1f} %), "
+                   + (f"{row['latency_ms']:.3f} ms on {config.runtime} (budget {budget:.3f}), " if timed else "")
+                   + f"search score {search_score:.4f}"
                    + (f", top-1 {row['top1']:.4f}" if row["top1"] is not None else ""))
     result.model = current
     return result
@@ -318,12 +380,19 @@ def _replace(cfg, overrides):
     return new
 
 
-def _feasibility(space, macs_budget, params_budget):
+def _feasibility(space, macs_budget, params_budget, latency_budget=None):
     def feasible(ind):
+        if latency_budget is not None:
+            return ind.fitness.values[1] <= latency_budget
         if macs_budget is not None:
             return ind.fitness.values[1] <= macs_budget
         return space.cost_of(ind)[1] <= params_budget
     return feasible
+
+
+def _latency_table(model, space, example_inputs, config, cache_dir) -> LatencyTable:
+    return LatencyTable.measure(model, space, example_inputs, runtime=config.runtime, batch=config.latency_batch,
+                                threads=config.threads, cache_dir=cache_dir)
 
 
 def _evaluate(toolbox, population, evaluated, label: str | None = None) -> int:
@@ -359,20 +428,23 @@ def _num_classes(model, example_inputs, score_y) -> int:
     return int(torch.as_tensor(score_y).max()) + 1
 
 
-def _record(logbook, k, gen, n, pop, feasible, space, verbose, ref_score=0.0):
+def _record(logbook, k, gen, n, pop, feasible, base_cost, cost, verbose, ref_score=0.0):
     scores = [ind.fitness.values[0] for ind in pop]
     ok = [ind for ind in pop if feasible(ind)]
     best = max(ok or pop, key=lambda ind: (ind.fitness.values[0], -ind.fitness.values[1]))
+    unit, scale = ("ms", 1.0) if cost == "ms" else ("mmacs", 1e6)
     logbook.record(round=k, gen=gen, evals=n, feasible=len(ok), best=round(best.fitness.values[0], 6),
-                   median=round(statistics.median(scores), 6), best_mmacs=round(best.fitness.values[1] / 1e6, 4),
-                   min_mmacs=round(min(ind.fitness.values[1] for ind in pop) / 1e6, 4),
-                   hv=round(hypervolume(pop, space.base_macs, ref_score), 6))
+                   median=round(statistics.median(scores), 6),
+                   **{f"best_{unit}": round(best.fitness.values[1] / scale, 4),
+                      f"min_{unit}": round(min(ind.fitness.values[1] for ind in pop) / scale, 4)},
+                   hv=round(hypervolume(pop, base_cost, ref_score), 6))
     if verbose:
         status(logbook.stream)
 
 
 def hypervolume(population, base_macs, ref_score: float = 0.0) -> float:
-    """Hypervolume of (score up, MACs fraction down) against the reference point (``ref_score``, MACs fraction 1).
+    """Hypervolume of (score up, cost fraction down) against the reference point (``ref_score``, cost fraction 1);
+    ``base_macs`` is the unpruned model's cost (MACs, or ms for a latency objective).
 
     ``ref_score`` is :func:`evoprune.fitness.reference_score`: top-1 0, or minus the chance-level loss
     ``-ln(classes)`` under ``metric="loss"`` (scores there are minus a loss, so a reference of 0 would leave every
@@ -383,12 +455,12 @@ def hypervolume(population, base_macs, ref_score: float = 0.0) -> float:
     return float(moocore.hypervolume(pts, ref=[-ref_score, 1.0])) if len(pts) else 0.0
 
 
-def _choose(candidates, feasible, objective, macs_budget):
-    """The best plan under the target: the highest score among feasible plans (fewer MACs on ties)."""
+def _choose(candidates, feasible, objective, cost_budget):
+    """The best plan under the target: the highest score among feasible plans (lower cost on ties)."""
     ok = [ind for ind in candidates if feasible(ind)]
     if ok:
         return max(ok, key=lambda ind: (ind.fitness.values[0], -ind.fitness.values[1]))
-    return sel_budget(candidates, 1, macs_budget if macs_budget is not None else float("inf"))[0]
+    return sel_budget(candidates, 1, cost_budget if cost_budget is not None else float("inf"))[0]
 
 
 def _restore_population(saved):

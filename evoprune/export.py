@@ -131,6 +131,13 @@ def _export(model, path, example_inputs, formats, plan, widths, extra, atol):
 
 
 def _export_onnx(model, example_inputs, path):
+    data = onnx_bytes(model, example_inputs)
+    with atomic_write(path, "wb") as fh:
+        fh.write(data)
+
+
+def onnx_bytes(model: nn.Module, example_inputs: torch.Tensor) -> bytes:
+    """``model`` as an in-memory ONNX file (input ``input`` and output ``logits``, dynamic batch)."""
     buf = io.BytesIO()
     kwargs = dict(input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"},
                                                                              "logits": {0: "batch"}})
@@ -140,8 +147,7 @@ def _export_onnx(model, example_inputs, path):
             torch.onnx.export(model, (example_inputs,), buf, dynamo=False, **kwargs)
         except TypeError:  # older torch without the dynamo switch
             torch.onnx.export(model, (example_inputs,), buf, **kwargs)
-    with atomic_write(path, "wb") as fh:
-        fh.write(buf.getvalue())
+    return buf.getvalue()
 
 
 def _check_close(fmt, got, reference, atol):

@@ -65,6 +65,7 @@ class FitnessConfig:
     threads: int | None = None  # torch threads per SCOOP worker (default 1); None leaves serial runs alone
     device: str = "cpu"
     finetune_steps: int = 0  # >0: distil the unpruned model into each plan for this many steps before scoring
+    cut_steps: int = 0  # >0: distil only plans that cut a connection unit, for this many steps (judges depth cuts)
     finetune_lr: float = 0.01
     trace_dir: str | None = None  # if set, each process appends one line per evaluation to evals-<pid>.log there
 
@@ -77,23 +78,26 @@ class FitnessConfig:
             raise ConfigError(f"on_error must be 'raise' or 'worst', got {self.on_error!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"batch_size must be a positive int, got {self.batch_size!r}")
-        if not isinstance(self.finetune_steps, int) or self.finetune_steps < 0:
-            raise ConfigError(f"finetune_steps must be an int >= 0, got {self.finetune_steps!r}")
-        if self.finetune_steps and not self.bn_recalibration:
-            raise ConfigError("finetune_steps needs bn_recalibration (its batches are the fine-tuning data)")
+        for name in ("finetune_steps", "cut_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ConfigError(f"{name} must be an int >= 0, got {v!r}")
+            if v and not self.bn_recalibration:
+                raise ConfigError(f"{name} needs bn_recalibration (its batches are the fine-tuning data)")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError("device 'cuda' was asked for, but torch sees no CUDA device; use --device cpu")
 
 
 class Evaluator:
-    """``evaluator(individual) -> (score, macs)``: the DEAP ``evaluate`` function.
+    """``evaluator(individual) -> (score, cost)``: the DEAP ``evaluate`` function. The cost is the plan's MACs, or
+    with ``latency`` (a :class:`evoprune.latency.LatencyTable` of ``space``) its predicted latency in ms.
 
     ``score_x``/``score_y``: the held-out scoring subset (normalised inputs, int labels). ``recal_x``: a list of
     input batches for BN re-calibration (taken from training data), or None to skip it. Build one per round.
     """
 
     def __init__(self, model: nn.Module, space: PruningSpace, score_x: torch.Tensor, score_y: torch.Tensor,
-                 recal_x=None, config: FitnessConfig | None = None):
+                 recal_x=None, config: FitnessConfig | None = None, latency=None):
         config = config or FitnessConfig()
         config.check()
         if len(score_x) == 0 or len(score_x) != len(score_y):
@@ -105,12 +109,14 @@ class Evaluator:
         if config.bn_recalibration and not recal_x:
             raise ConfigError("BN re-calibration is on but no recal_x batches were given (pass training batches, "
                               "or set bn_recalibration=False)")
+        if latency is not None and latency.space.fingerprint != space.fingerprint:
+            raise ConfigError("the latency table was measured for another pruning space; measure it for this one")
         check_finite(model)
         self.token = f"evoprune_{uuid.uuid4().hex}"
         self.config = config
         self.space = space  # small: names, sizes and the cost table
         payload = {"model": copy.deepcopy(model).cpu().eval(), "space": space, "score_x": score_x, "score_y": score_y,
-                   "recal_x": list(recal_x or []), "config": config}
+                   "recal_x": list(recal_x or []), "config": config, "latency": latency}
         _REGISTRY[self.token] = payload
         if under_scoop():
             from scoop import shared
@@ -166,6 +172,7 @@ class _Worker:
         self.recal = [b.to(self.device) for b in payload["recal_x"]]
         self.targets = None  # the unpruned model's soft targets on the recal batches, for finetune_steps
         self.example = self.x[:1]
+        self.latency = payload.get("latency")
         self.cache: dict[bytes, tuple[float, float]] = {}
         self.calls = 0
         self.hits = 0
@@ -185,6 +192,7 @@ class _Worker:
         try:
             plan = self.space.decode(individual)
             macs, _ = self.space.cost(plan, validate=False)
+            cost = macs if self.latency is None else self.latency.predict_genes(individual)
             score, loss = self._score_plan(plan, macs)
             if not math.isfinite(loss):
                 raise EvaluationError(f"the scoring loss is {loss}")
@@ -194,14 +202,15 @@ class _Worker:
                 import warnings
                 warnings.warn(f"fitness failed for {summary} ({type(exc).__name__}: {exc}); scored as worst",
                               stacklevel=2)
-                result = (WORST_SCORE, float(self.space.base_macs))
+                worst_cost = self.space.base_macs if self.latency is None else self.latency.base_ms
+                result = (WORST_SCORE, float(worst_cost))
                 self.cache[key] = result
                 return result
             if isinstance(exc, PlanError):
                 raise
             raise EvaluationError(f"fitness failed for {summary} in process {os.getpid()}:\n"
                                   f"{traceback.format_exc()}") from None
-        result = (float(score), float(macs))
+        result = (float(score), float(cost))
         self.cache[key] = result
         if self.cfg.trace_dir:
             self._trace(key, result, time.perf_counter() - t0)
@@ -217,12 +226,13 @@ class _Worker:
         mode = self.cfg.mode
         if mode == "auto":
             mode = "physical" if macs < self.cfg.physical_below * self.space.base_macs else "masked"
-        if mode == "physical" or self.cfg.finetune_steps:
+        steps = self.cfg.finetune_steps or (self.cfg.cut_steps if plan.cut else 0)
+        if mode == "physical" or steps:
             net = apply_plan(self.model, plan, self.example, space=self.space).eval()
             if self.cfg.bn_recalibration:
                 recalibrate_bn(net, self.recal)
-            if self.cfg.finetune_steps:
-                self._distil(net)
+            if steps:
+                self._distil(net, steps)
                 if self.cfg.bn_recalibration:
                     recalibrate_bn(net, self.recal)
             return self.score(net)
@@ -233,7 +243,7 @@ class _Worker:
                     return self.score(net)
             return self.score(net)
 
-    def _distil(self, net):
+    def _distil(self, net, steps: int):
         """A few SGD steps distilling the unpruned model into ``net`` on the re-calibration batches: a short-term
         fine-tune that rates how well a plan recovers, not only what it keeps."""
         if self.targets is None:
@@ -242,7 +252,7 @@ class _Worker:
         opt = torch.optim.SGD(net.parameters(), lr=self.cfg.finetune_lr, momentum=0.9, nesterov=True,
                               weight_decay=5e-4)
         net.train()
-        for step in range(self.cfg.finetune_steps):
+        for step in range(steps):
             k = step % len(self.recal)
             logp = torch.log_softmax(net(self.recal[k]) / 4.0, dim=1)
             loss = nn.functional.kl_div(logp, self.targets[k], reduction="batchmean") * 16.0

@@ -34,6 +34,7 @@ from ._version import __version__
 from .data import Cifar10, ImageSet, normalize
 from .errors import CheckpointError, ConfigError
 from .evolve import METHODS, SearchConfig, SearchResult, search
+from .latency import RUNTIMES
 from .toolbox import CROSSOVERS, MUTATIONS
 from .export import export
 from .fitness import FitnessConfig
@@ -53,9 +54,11 @@ FLAGS = {
     "resume": "--no-resume",
     "data": "--data", "arch": "--arch", "weights": "--weights", "model": "--model",
     "baseline_epochs": "--baseline-epochs",
+    "target_latency_ms": "--target-latency-ms", "runtime": "--runtime", "latency_batch": "--latency-batch",
+    "threads": "--threads", "snap": "--no-snap",
 }
 #: Boolean settings whose flag turns them off (``--no-kd`` sets ``kd=False``).
-NEGATED = frozenset({"connections", "kd", "resume"})
+NEGATED = frozenset({"connections", "kd", "resume", "snap"})
 #: Settings that may change between a run and its resume: they do not change the result.
 RESUMABLE_CHANGES = frozenset({"device", "resume"})
 JOB_FILE = "job.json"
@@ -137,8 +140,21 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--target-macs", type=float, default=d.target,
                    help="final MACs as a fraction of the original, reached geometrically over the rounds "
                         "(default: %(default)s)")
+    g.add_argument("--target-latency-ms", type=float, default=None, metavar="MS",
+                   help="aim at this latency in ms on --runtime instead of --target-macs (measured per round with a "
+                        "latency table; reached geometrically over the rounds)")
+    g.add_argument("--runtime", choices=RUNTIMES, default=d.runtime,
+                   help="deployment runtime the latency is measured on (default: %(default)s; onnxruntime needs "
+                        "pip install 'evoprune[onnx]')")
+    g.add_argument("--latency-batch", type=int, default=d.latency_batch, metavar="N",
+                   help="batch size the latency is measured at (default: %(default)s)")
+    g.add_argument("--threads", type=int, default=d.threads, metavar="N",
+                   help="the runtime's intra-op threads for latency (default: %(default)s)")
+    g.add_argument("--no-snap", action="store_true",
+                   help="with --target-latency-ms: allow any width, not only multiples of the CPU's channel block")
     g.add_argument("--objective", choices=("budget", "nsga2", "topk"), default=d.objective,
-                   help="selection: budget (best score under the MACs budget), nsga2 or topk (default: %(default)s)")
+                   help="selection: budget (best score under the MACs or latency budget), nsga2 or topk "
+                        "(default: %(default)s)")
     g.add_argument("--crossover", choices=CROSSOVERS, default=d.crossover,
                    help="paper (one-point at the p_c cut) or uniform (whole groups swap) (default: %(default)s)")
     g.add_argument("--mutation", choices=MUTATIONS, default=d.mutation,
@@ -165,8 +181,12 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from_args(args: argparse.Namespace) -> JobOptions:
+    timed = args.target_latency_ms is not None
     opts = JobOptions(rounds=args.rounds, population=args.population, elites=args.elites, p_c=args.p_c,
-                      p_mut=args.p_mut, generations=args.generations, target=args.target_macs,
+                      p_mut=args.p_mut, generations=args.generations,
+                      target=args.target_latency_ms if timed else args.target_macs,
+                      target_kind="latency" if timed else "macs", runtime=args.runtime,
+                      latency_batch=args.latency_batch, threads=args.threads, snap=not args.no_snap,
                       objective=args.objective, method=args.method,
                       crossover=args.crossover, mutation=args.mutation, connections=not args.no_connections,
                       finetune_epochs=args.finetune_epochs, kd=not args.no_kd, score_samples=args.score_samples,

@@ -151,9 +151,11 @@ def _binomial(n: int, p: float) -> int:
 
 # ---------------------------------------------------------------------------------------------------- repair
 def repair(individual, space, ranks: Sequence[np.ndarray], *, macs_budget: float | None = None,
-           params_budget: float | None = None, fill: float | None = None):
+           params_budget: float | None = None, fill: float | None = None, latency=None,
+           latency_budget: float | None = None):
     """Enforce ``space.min_keep`` and ``space.round_to`` in every group, then shrink the individual until it fits
-    the MACs/params budget.
+    the MACs/params budget, and the latency budget in ms (``latency``: a :class:`evoprune.latency.LatencyTable`
+    of ``space`` that predicts it).
 
     Shrinking keeps the most important of the currently kept channels of every group, by one common factor found by
     bisection on the analytic cost. An individual that cannot fit even at ``min_keep`` is left at its smallest.
@@ -169,21 +171,27 @@ def repair(individual, space, ranks: Sequence[np.ndarray], *, macs_budget: float
         want = _legal_count(sum(genes), g.size, space.min_keep, space.round_to)
         individual[sl] = _set_count(genes, want, ranks[i])
         counts.append(want)
-    if macs_budget is None and params_budget is None:
+    if latency_budget is not None and latency is None:
+        raise ConfigError("latency_budget needs latency, a LatencyTable of the space")
+    limits = [(lim, i) for i, lim in enumerate((macs_budget, params_budget, latency_budget)) if lim is not None]
+    if not limits:
         return (individual,)
     active = layout.active_connections(individual)
 
+    def used(cs):  # the share of each budget that counts ``cs`` use
+        analytic = macs_budget is not None or params_budget is not None
+        costs = (*(space.cost_from_counts(cs, active) if analytic else (0, 0)),
+                 latency.predict_counts(cs, active) if latency_budget is not None else 0.0)
+        return [costs[i] / lim if lim > 0 else (0.0 if costs[i] <= 0 else math.inf) for lim, i in limits]
+
     def fits(cs):
-        macs, params = space.cost_from_counts(cs, active)
-        return (macs_budget is None or macs <= macs_budget) and (params_budget is None or params <= params_budget)
+        return all(u <= 1.0 for u in used(cs))
 
     def legal(cs):
         return [_legal_count(c, g.size, space.min_keep, space.round_to, up=False) for c, g in zip(cs, space.groups)]
 
     if fits(counts):
-        macs, params = space.cost_from_counts(counts, active)
-        if fill is None or ((macs_budget is None or macs >= fill * macs_budget) and
-                            (params_budget is None or params >= fill * params_budget)):
+        if fill is None or all(u >= fill for u in used(counts)):
             return (individual,)
         def counts_for(f):  # grow: switch on the same share f of every group's removed channels
             return legal([c + int(f * (g.size - c)) for c, g in zip(counts, space.groups)])
@@ -287,8 +295,8 @@ def sel_topk(individuals, k: int):
 
 
 def sel_budget(individuals, k: int, budget: float):
-    """Budget mode: feasible individuals (MACs <= budget) first, by accuracy then fewer MACs; infeasible ones after
-    every feasible one, least over budget first."""
+    """Budget mode: feasible individuals (cost <= budget: MACs, or ms with a latency objective) first, by accuracy
+    then lower cost; infeasible ones after every feasible one, least over budget first."""
     def key(ind):
         acc, macs = ind.fitness.values[:2]
         feasible = macs <= budget

@@ -104,28 +104,30 @@ def _plottable(score: float, metric: str) -> bool:
 def pareto_axes(result: SearchResult, *, metric: str = "top1", ax=None):
     """Draw the evaluated plans, the Pareto fronts and the chosen plans (*) of ``result`` on ``ax`` (a new figure
     if None) and return the Axes. x: MMACs; y: top-1 on the search split, or for ``metric="loss"`` the loss
-    (minus the fitness score; lower is better), unclipped."""
+    (minus the fitness score; lower is better), unclipped. With a latency objective x is the predicted latency in ms."""
     metric = report_metric(None, metric)
     import matplotlib
     if ax is None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         _, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    ms = getattr(result, "cost", "macs") == "ms"
+    scale = 1.0 if ms else 1e6
     for k, points in enumerate(result.evaluated, start=1):
-        pts = [(m / 1e6, _y(s, metric)) for s, m in points if _plottable(s, metric)]
+        pts = [(m / scale, _y(s, metric)) for s, m in points if _plottable(s, metric)]
         if pts:
             ax.scatter(*zip(*pts), s=8, alpha=0.35, label=f"round {k}: evaluated")
     for k, front in enumerate(result.pareto, start=1):
-        pts = sorted((m / 1e6, _y(s, metric)) for s, m in front if _plottable(s, metric))
+        pts = sorted((m / scale, _y(s, metric)) for s, m in front if _plottable(s, metric))
         if pts:
             ax.plot(*zip(*pts), marker="o", ms=3, lw=1.2, label=f"round {k}: Pareto front")
     for r in result.rows:
         if not _plottable(r["search_score"], metric):
             continue
-        xy = (r["macs"] / 1e6, _y(r["search_score"], metric))
+        xy = (r["predicted_ms"] if ms else r["macs"] / 1e6, _y(r["search_score"], metric))
         ax.scatter([xy[0]], [xy[1]], marker="*", s=160, edgecolor="k", zorder=5)
         ax.annotate(f"r{r['round']}", xy, textcoords="offset points", xytext=(5, 5))
-    ax.set_xlabel("MMACs (torch-pruning counter)")
+    ax.set_xlabel("predicted latency (ms, latency table)" if ms else "MMACs (torch-pruning counter)")
     ax.set_ylabel(AXIS_LABELS[metric])
     ax.set_title("evoprune: evaluated plans, Pareto fronts, chosen plans (*)")
     ax.grid(alpha=0.3)

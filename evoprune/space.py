@@ -285,6 +285,19 @@ class PruningSpace:
 
     def cost_from_counts(self, counts: Sequence[int], active: Sequence[bool]) -> tuple[float, int]:
         """Cost from kept channel counts per group and active flags per unit: all the cost depends on."""
+        removed, alive = self.removed_and_alive(counts, active)
+        return self._cost.count(removed, alive)
+
+    @property
+    def cost_model(self) -> CostModel:
+        """The analytic shape table (every counted call's input/output dims as a function of removed channels)."""
+        if self._cost is None:
+            raise ModelError("this space was built with with_cost=False; rebuild it to compute costs")
+        return self._cost
+
+    def removed_and_alive(self, counts: Sequence[int], active: Sequence[bool]):
+        """``(removed channels per group, alive(module_name))`` for kept ``counts`` and active unit flags, after
+        cut sequential units hand their input width on: what every shape of the pruned model depends on."""
         if self._cost is None:
             raise ModelError("this space was built with with_cost=False; rebuild it to compute costs")
         counts = list(int(c) for c in counts)
@@ -294,7 +307,7 @@ class PruningSpace:
                 j = self._group_index[u.out_group]
                 counts[j] = counts[self._group_index[u.in_group]] if u.in_group is not None else self.groups[j].size
         removed = np.array([g.size - c for g, c in zip(self.groups, counts)], dtype=np.int64)
-        return self._cost.count(removed, self._alive(cut))
+        return removed, self._alive(cut)
 
     def cost_of(self, individual: Sequence[int]) -> tuple[float, int]:
         """Cost of an individual (only kept counts and cut units matter, so no plan is built)."""

@@ -8,7 +8,8 @@ offspring always respect ``min_keep``, ``round_to`` and the budget.
 
 Creator types (made once, guarded, shared by every toolbox):
 
-* ``creator.EvoPruneFitness``: ``base.Fitness`` with weights ``(1.0, -1.0)``, i.e. (score up, MACs down).
+* ``creator.EvoPruneFitness``: ``base.Fitness`` with weights ``(1.0, -1.0)``, i.e. (score up, cost down); the cost
+  is MACs, or the predicted latency in ms when the evaluator has a latency table.
 * ``creator.EvoPruneIndividual``: a ``list`` of 0/1 genes with a ``fitness`` attribute.
 """
 from __future__ import annotations
@@ -50,14 +51,14 @@ def parallel_map() -> Callable:
     return map
 
 
-def _with_repair(space, ranks, macs_budget, params_budget, fill, *, single=False):
+def _with_repair(space, ranks, budgets, fill, *, single=False):
     """A DEAP decorator: repair every individual an operator returns (a tuple of them, or one with ``single``)."""
     def decorator(op):
         @functools.wraps(op)
         def wrapper(*args, **kwargs):
             out = op(*args, **kwargs)
             for ind in ((out,) if single else out):
-                ops.repair(ind, space, ranks, macs_budget=macs_budget, params_budget=params_budget, fill=fill)
+                ops.repair(ind, space, ranks, fill=fill, **budgets)
             return out
         return wrapper
     return decorator
@@ -68,7 +69,7 @@ def register(toolbox: base.Toolbox, space: PruningSpace, evaluate: Callable, *, 
              params_budget: float | None = None, importance: dict | None = None, crossover: str = "paper",
              mutation: str = "mixed", indpb: float | None = None, conn_indpb: float | None = None,
              init: str = "importance", keep_range=(0.2, 1.0), init_spread: float = 0.3, init_global: float = 0.25,
-             fill: float | None = 0.98,
+             fill: float | None = 0.98, latency=None, latency_budget: float | None = None,
              seed: int | None = None) -> base.Toolbox:
     """Register evoprune's chromosome types and operators on ``toolbox`` and return it.
 
@@ -86,8 +87,10 @@ def register(toolbox: base.Toolbox, space: PruningSpace, evaluate: Callable, *, 
     channels trade places with removed ones, uniformly; the repair rebalances the budget), ``"guided"``
     (importance-biased flips), ``"swap"``, ``"width"`` or ``"bitflip"`` (the paper's, ``tools.mutFlipBit``).
     ``fill``: in budget mode, offspring under ``fill`` of the budget grow back towards it (None turns it off), so
-    the search compares plan shapes at nearly equal MACs. ``seed`` seeds Python's ``random`` (DEAP's source of
-    randomness) and numpy.
+    the search compares plan shapes at nearly equal MACs. ``latency``: a :class:`evoprune.latency.LatencyTable` of
+    ``space``; with it the repair also keeps plans under ``latency_budget`` (ms), and ``evaluate`` should return
+    (score, predicted ms), as ``Evaluator(..., latency=table)`` does, so that ``select`` (budget or NSGA-II) works
+    on the latency. ``seed`` seeds Python's ``random`` (DEAP's source of randomness) and numpy.
     """
     p_c = ops.check_probability("p_c", p_c)
     p_mut = ops.check_probability("p_mut", p_mut)
@@ -109,8 +112,12 @@ def register(toolbox: base.Toolbox, space: PruningSpace, evaluate: Callable, *, 
     missing = [g.name for g in space.groups if g.name not in importance]
     if missing:
         raise ConfigError(f"importance has no scores for group(s) {', '.join(missing)}")
-    if objective == "budget" and macs_budget is None and params_budget is None:
-        raise ConfigError("objective='budget' (the default) needs macs_budget or params_budget, e.g. "
+    if latency_budget is not None and latency is None:
+        raise ConfigError("latency_budget needs latency=LatencyTable.measure(model, space, example_inputs)")
+    if latency is not None and latency.space.fingerprint != space.fingerprint:
+        raise ConfigError("latency was measured for another pruning space; measure it for this one")
+    if objective == "budget" and macs_budget is None and params_budget is None and latency_budget is None:
+        raise ConfigError("objective='budget' (the default) needs macs_budget, params_budget or latency_budget, e.g. "
                           "macs_budget=0.25 * space.base_macs; or pass objective='nsga2' for a Pareto front")
     rank_map = importance_ranks(importance)
     ranks = [rank_map[g.name] for g in space.groups]
@@ -129,7 +136,9 @@ def register(toolbox: base.Toolbox, space: PruningSpace, evaluate: Callable, *, 
     else:
         toolbox.register("individual", ops.init_random, individual_cls, layout, keep_range)
     fill = fill if objective == "budget" else None
-    toolbox.decorate("individual", _with_repair(space, ranks, macs_budget, params_budget, fill, single=True))
+    budgets = dict(macs_budget=macs_budget, params_budget=params_budget, latency=latency,
+                   latency_budget=latency_budget)
+    toolbox.decorate("individual", _with_repair(space, ranks, budgets, fill, single=True))
     toolbox.register("population", tools.initRepeat, list, toolbox.individual)
     if crossover == "paper":
         toolbox.register("mate", ops.cx_paper, layout=layout, p_c=p_c)
@@ -145,17 +154,17 @@ def register(toolbox: base.Toolbox, space: PruningSpace, evaluate: Callable, *, 
         toolbox.register("mutate", ops.mut_width, layout=layout, ranks=ranks)
     else:
         toolbox.register("mutate", ops.mut_mixed, layout=layout, ranks=ranks, indpb=indpb, conn_indpb=conn_indpb)
-    repair = _with_repair(space, ranks, macs_budget, params_budget, fill)
+    repair = _with_repair(space, ranks, budgets, fill)
     toolbox.decorate("mate", repair)
     toolbox.decorate("mutate", repair)
-    toolbox.register("repair", ops.repair, space=space, ranks=ranks, macs_budget=macs_budget,
-                     params_budget=params_budget, fill=fill)
+    toolbox.register("repair", ops.repair, space=space, ranks=ranks, fill=fill, **budgets)
     if objective == "nsga2":
         toolbox.register("select", ops.sel_nsga2)
     elif objective == "topk":
         toolbox.register("select", ops.sel_topk)
     else:
-        toolbox.register("select", ops.sel_budget, budget=macs_budget if macs_budget is not None else float("inf"))
+        budget = next((b for b in (latency_budget, macs_budget) if b is not None), float("inf"))
+        toolbox.register("select", ops.sel_budget, budget=budget)
     toolbox.register("evaluate", evaluate)
     toolbox.register("map", parallel_map())
     toolbox.p_c, toolbox.p_mut, toolbox.elites, toolbox.space = p_c, p_mut, elites, space

@@ -1,0 +1,594 @@
+"""Measured latency on a deployment runtime, and a table that predicts it for any plan of a pruning space.
+
+:func:`measure` times a whole model end to end on ONNX Runtime (CPU, the default deployment runtime) or eager
+torch: warm-up, repeated samples, the median. It is the ground truth.
+
+:meth:`LatencyTable.measure` times every conv/linear call of the space's model on its own, in its real context
+(the same kernel, stride, padding, groups and input size as in the model, at the latency batch), at a grid of
+input/output widths (multiples of 8, the widths CPU kernels step at, plus the full width). A plan's latency is the
+sum of its live layers' times, interpolated at the widths the plan leaves, mapped to end-to-end milliseconds by a
+line fitted on a few physically pruned models (full, uniform 75/50/30 %, and every connection unit cut): the fit
+absorbs what the layers alone miss (pooling, residual adds, per-op overheads, fusion). Tables are cached on disk,
+keyed by runtime and version, threads, batch, CPU model and the space's fingerprint; a cache measured elsewhere is
+not used, and the warning says why.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import platform
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .errors import ConfigError, ModelError
+from .plan import PruningPlan
+from .space import PruningSpace
+from .storage import write_json
+
+RUNTIMES = ("onnxruntime", "torch")
+FORMAT = 2  # bump when the table's contents or meaning change: older caches are then re-measured
+_MULTIPLES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+class LatencyWarning(UserWarning):
+    """Timings were unstable (a loaded machine?) even after more repeats, or a latency cache was not used."""
+
+
+# ---------------------------------------------------------------------------------------------------- runtimes
+def check_runtime(runtime: str) -> str:
+    """Raise :class:`ConfigError` unless ``runtime`` is known and installed; return its version."""
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"must be one of {', '.join(RUNTIMES)}, got {runtime!r}", setting="runtime")
+    if runtime == "torch":
+        return torch.__version__
+    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"'onnxruntime' needs {' and '.join(missing)}: pip install 'evoprune[onnx]' "
+                          "(or measure on runtime='torch')", setting="runtime")
+    import onnxruntime
+    return onnxruntime.__version__
+
+
+def _check_threads(threads) -> int:
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ConfigError(f"must be an int >= 1, got {threads!r}", setting="threads")
+    return threads
+
+
+def _check_batch(batch) -> int:
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ConfigError(f"must be an int >= 1, got {batch!r}", setting="batch")
+    return batch
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), part of every cache key."""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _ort_session(model: bytes, threads: int):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _runner(runtime: str, module: nn.Module | None, x: torch.Tensor, threads: int, onnx: bytes | None = None):
+    """A no-argument callable that runs one inference of ``module`` (or the ONNX bytes) on ``x``."""
+    if runtime == "onnxruntime":
+        if onnx is None:
+            from .export import onnx_bytes
+            onnx = onnx_bytes(module, x)
+        sess = _ort_session(onnx, threads)
+        feed = {sess.get_inputs()[0].name: x.numpy()}
+        return lambda: sess.run(None, feed)
+    module = module.eval()
+
+    def run():
+        with torch.inference_mode():
+            module(x)
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------- timing
+@dataclass
+class Timing:
+    """One measurement: the median over ``repeats`` samples, in milliseconds, and its relative spread
+    (interquartile range over median)."""
+
+    median_ms: float
+    spread: float
+    repeats: int
+
+    def to_dict(self) -> dict:
+        return {"median_ms": self.median_ms, "spread": self.spread, "repeats": self.repeats}
+
+
+def time_call(run: Callable[[], object], *, warmup: int = 3, repeats: int = 15, max_repeats: int = 120,
+              max_spread: float = 0.15, sample_ms: float = 2.0, what: str = "a call") -> Timing:
+    """Median time of ``run()`` in ms. Each sample times enough back-to-back calls to last ``sample_ms``; when the
+    samples' spread (IQR / median) exceeds ``max_spread`` the repeats double, up to ``max_repeats``, and a
+    :class:`LatencyWarning` says if it is still unstable."""
+    for _ in range(max(1, warmup)):
+        run()
+    t0 = time.perf_counter()
+    run()
+    once = max(time.perf_counter() - t0, 1e-7)
+    inner = max(1, min(1000, int(sample_ms / 1e3 / once)))
+    samples: list[float] = []
+    want = repeats
+    while True:
+        while len(samples) < want:
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                run()
+            samples.append((time.perf_counter() - t0) * 1e3 / inner)
+        q1, med, q3 = np.percentile(samples, [25, 50, 75])
+        spread = float((q3 - q1) / med) if med > 0 else 0.0
+        if spread <= max_spread or want >= max_repeats:
+            break
+        want = min(max_repeats, want * 2)
+    if spread > max_spread:
+        warnings.warn(f"unstable timings for {what}: spread {spread:.0%} of the median after {len(samples)} "
+                      "repeats (is the machine loaded?); the median is used", LatencyWarning, stacklevel=3)
+    return Timing(float(med), spread, len(samples))
+
+
+def _batched(example_inputs: torch.Tensor, batch: int) -> torch.Tensor:
+    x = example_inputs[:1].detach().cpu().float()
+    return x.expand(batch, *x.shape[1:]).contiguous()
+
+
+def measure(model: nn.Module, example_inputs: torch.Tensor, *, runtime: str = "onnxruntime", batch: int = 1,
+            threads: int = 1, warmup: int = 5, repeats: int = 20) -> Timing:
+    """End-to-end latency of ``model`` on ``runtime`` at ``batch`` (inputs shaped like ``example_inputs``), with
+    ``threads`` intra-op threads. ONNX Runtime gets the model as :func:`evoprune.export` writes it."""
+    check_runtime(runtime)
+    _check_batch(batch)
+    _check_threads(threads)
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"measure expects an nn.Module, got {type(model).__name__}")
+    x = _batched(example_inputs, batch)
+    was_training = model.training
+    model.eval()
+    try:
+        with _torch_threads(threads):
+            try:
+                run = _runner(runtime, model, x, threads)
+                run()
+            except Exception as exc:
+                raise ModelError(f"{type(model).__name__} cannot run on {runtime} with inputs of shape "
+                                 f"{tuple(x.shape)}: {type(exc).__name__}: {exc}") from None
+            return time_call(run, warmup=warmup, repeats=repeats, what=f"{type(model).__name__} on {runtime}")
+    finally:
+        model.train(was_training)
+
+
+# ---------------------------------------------------------------------------------------------------- one layer
+def _layer_spec(model: nn.Module, call, base: np.ndarray, batch: int) -> dict | None:
+    """What to build to time ``call`` alone: the module's hyper-parameters and its input shape at ``batch``."""
+    if call.kind not in ("conv", "linear"):
+        return None
+    module = model.get_submodule(call.module)
+    ins = [int(v) for v in base[call.in_dims]]
+    if not ins:
+        return None
+    ins[0] = batch
+    spec = {"kind": call.kind, "in_shape": ins, "bias": module.bias is not None}
+    if call.kind == "conv":
+        if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return None
+        spec.update(kernel=list(module.kernel_size), stride=list(module.stride), dilation=list(module.dilation),
+                    padding=module.padding if isinstance(module.padding, str) else list(module.padding),
+                    groups=module.groups, depthwise=bool(call.attrs.get("depthwise")))
+    elif not isinstance(module, nn.Linear):
+        return None
+    return spec
+
+
+def _spec_key(spec: dict, cin: int, cout: int) -> str:
+    return json.dumps([spec, cin, cout], sort_keys=True, separators=(",", ":"))
+
+
+def _onnx_layer(spec: dict, cin: int, cout: int) -> bytes:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    shape = list(spec["in_shape"])
+    inits = []
+    if spec["kind"] == "conv":
+        shape[1] = cin
+        groups = cin if spec["depthwise"] else spec["groups"]
+        w = rng.standard_normal((cout, cin // groups, *spec["kernel"])).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, "w"))
+        inputs = ["x", "w"]
+        if spec["bias"]:
+            inits.append(numpy_helper.from_array(np.zeros(cout, np.float32), "b"))
+            inputs.append("b")
+        attrs = dict(kernel_shape=spec["kernel"], strides=spec["stride"], dilations=spec["dilation"], group=groups)
+        if isinstance(spec["padding"], str):
+            attrs["auto_pad"] = "SAME_UPPER" if spec["padding"] == "same" else "VALID"
+        else:
+            attrs["pads"] = list(spec["padding"]) * 2
+        nodes = [helper.make_node("Conv", inputs, ["y"], **attrs)]
+    else:
+        shape[-1] = cin
+        inits.append(numpy_helper.from_array(rng.standard_normal((cin, cout)).astype(np.float32), "w"))
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["y" if not spec["bias"] else "m"])]
+        if spec["bias"]:
+            inits.append(numpy_helper.from_array(np.zeros(cout, np.float32), "b"))
+            nodes.append(helper.make_node("Add", ["m", "b"], ["y"]))
+    graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m.SerializeToString()
+
+
+def _torch_layer(spec: dict, cin: int, cout: int) -> nn.Module:
+    if spec["kind"] == "linear":
+        return nn.Linear(cin, cout, bias=spec["bias"])
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(spec["kernel"])]
+    groups = cin if spec["depthwise"] else spec["groups"]
+    padding = spec["padding"] if isinstance(spec["padding"], str) else tuple(spec["padding"])
+    return conv(cin, cout, tuple(spec["kernel"]), stride=tuple(spec["stride"]), padding=padding,
+                dilation=tuple(spec["dilation"]), groups=groups, bias=spec["bias"])
+
+
+def _time_layer(spec: dict, cin: int, cout: int, runtime: str, threads: int, repeats: int) -> float:
+    shape = list(spec["in_shape"])
+    shape[1 if spec["kind"] == "conv" else -1] = cin
+    x = torch.randn(*shape)
+    if runtime == "onnxruntime":
+        run = _runner(runtime, None, x, threads, onnx=_onnx_layer(spec, cin, cout))
+    else:
+        run = _runner(runtime, _torch_layer(spec, cin, cout), x, threads)
+    return time_call(run, warmup=2, repeats=repeats, sample_ms=1.0, what=f"a {spec['kind']} {cin}->{cout}").median_ms
+
+
+def width_grid(size: int, varies: bool, step: int) -> list[int]:
+    """The widths a layer is timed at: multiples of ``step`` below ``size`` (denser where small), and ``size``."""
+    if not varies:
+        return [size]
+    return sorted({step * m for m in _MULTIPLES if step * m < size} | {size})
+
+
+def kernel_step() -> int:
+    """The channel block CPU kernels step at here: 16 with AVX-512, else 8 (ONNX Runtime's NCHWc and oneDNN
+    layouts). Widths that are not multiples of it run on slower paths and force layout reorders between layers."""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return 16 if "avx512f" in line.split() else 8
+    return 8
+
+
+def _snap(width: int, divisor: int) -> int:
+    return max(divisor, (width // divisor) * divisor)
+
+
+# ---------------------------------------------------------------------------------------------------- the table
+@dataclass
+class _Layer:
+    call: int  # index into the space's cost-model calls
+    module: str
+    in_row: int
+    out_row: int
+    grid_in: list[int]
+    grid_out: list[int]
+    ms: list[list[float]]  # ms[i][j]: time at grid_in[i] -> grid_out[j]
+
+    def predict(self, cin: int, cout: int) -> float:
+        ms = np.asarray(self.ms)
+        row = [np.interp(cout, self.grid_out, ms[i]) for i in range(len(self.grid_in))]
+        return float(np.interp(cin, self.grid_in, row))
+
+
+class LatencyTable:
+    """Predicted end-to-end latency (ms) of any plan of one pruning space on one runtime. Build it with
+    :meth:`measure` (or :meth:`load` a cached one); ``predict(plan)`` and ``predict_genes(individual)`` answer
+    without running a model."""
+
+    def __init__(self, space: PruningSpace, layers: list[_Layer], fit: list[list[float]], key: dict,
+                 calibration: list[dict], build_s: float = 0.0):
+        self.space = space
+        self.layers = layers
+        self.fit = [list(map(float, fit[0])), list(map(float, fit[1]))]
+        self.key = dict(key)
+        self.calibration = calibration
+        self.build_s = build_s
+
+    # --------------------------------------------------------------- facts
+    @property
+    def runtime(self) -> str:
+        return self.key["runtime"]
+
+    @property
+    def batch(self) -> int:
+        return self.key["batch"]
+
+    @property
+    def threads(self) -> int:
+        return self.key["threads"]
+
+    @property
+    def step(self) -> int:
+        """The channel multiple the table was measured at (:func:`kernel_step`); plans should keep multiples of it
+        (``PruningSpace.from_model(..., round_to=table.step)``), the widths the runtime runs fastest."""
+        return self.key["step"]
+
+    @property
+    def base_ms(self) -> float:
+        """The measured end-to-end latency of the unpruned model."""
+        return float(self.calibration[0]["measured_ms"])
+
+    def __repr__(self):
+        return (f"LatencyTable({self.space.model_name} on {self.runtime} {self.key['version']}, batch {self.batch}, "
+                f"{self.threads} thread(s): {len(self.layers)} layers, base {self.base_ms:.3f} ms)")
+
+    # --------------------------------------------------------------- prediction
+    def _layer_sum(self, counts: Sequence[int], active: Sequence[bool]) -> float:
+        removed, alive = self.space.removed_and_alive(counts, active)
+        d = self.space.cost_model.dims(removed)
+        return sum(layer.predict(int(d[layer.in_row]), int(d[layer.out_row]))
+                   for layer in self.layers if alive(layer.module))
+
+    def predict_counts(self, counts: Sequence[int], active: Sequence[bool]) -> float:
+        """Predicted ms for kept channel ``counts`` per group and ``active`` flags per connection unit."""
+        xs, ys = self.fit
+        x = self._layer_sum(counts, active)
+        if x <= xs[-1] or len(xs) < 2:
+            return float(np.interp(x, xs, ys))
+        return float(ys[-1] + (x - xs[-1]) * (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]))
+
+    def predict_genes(self, individual: Sequence[int]) -> float:
+        """Predicted ms of an individual of this table's space."""
+        layout = self.space.layout
+        self.space.check_genes(individual)
+        return self.predict_counts(layout.kept_counts(individual), layout.active_connections(individual))
+
+    def predict(self, plan: PruningPlan) -> float:
+        """Predicted ms of the model ``plan`` prunes (raises :class:`PlanError` for a plan of another space)."""
+        self.space.validate(plan)
+        counts = [len(plan.groups.get(g.name, range(g.size))) for g in self.space.groups]
+        return self.predict_counts(counts, [plan.connections.get(u.name, True) for u in self.space.units])
+
+    def min_ms(self) -> float:
+        """The prediction for the smallest legal plan (every group at ``min_keep``, or ``round_to`` when the space
+        has one, and every unit cut)."""
+        least = max(self.space.min_keep, self.space.round_to or 1)
+        counts = [min(least, g.size) for g in self.space.groups]
+        return self.predict_counts(counts, [False] * len(self.space.units))
+
+    def check_budget(self, budget_ms: float, *, setting: str = "target_latency_ms") -> None:
+        """Raise :class:`ConfigError` if no legal plan can reach ``budget_ms``, giving the minimum."""
+        low = self.min_ms()
+        if not budget_ms >= low:
+            raise ConfigError(f"{budget_ms:.4g} ms is below what the smallest legal plan reaches on {self.runtime} "
+                              f"at batch {self.batch} ({low:.4g} ms predicted; the unpruned model measures "
+                              f"{self.base_ms:.4g} ms): ask for at least {low:.4g} ms", setting=setting)
+
+    # --------------------------------------------------------------- build
+    @classmethod
+    def measure(cls, model: nn.Module, space: PruningSpace, example_inputs: torch.Tensor, *,
+                runtime: str = "onnxruntime", batch: int = 1, threads: int = 1, repeats: int = 10,
+                step: int | None = None,
+                cache_dir: str | os.PathLike | None = None, cache: bool = True,
+                verbose: bool = False) -> "LatencyTable":
+        """Time ``model``'s conv/linear layers at a grid of widths and fit the end-to-end line (see the module
+        docstring). With ``cache`` (default) a table cached in ``cache_dir`` (default ``$EVOPRUNE_CACHE`` or
+        ``~/.cache/evoprune``) for this runtime, version, threads, batch, CPU and space is loaded instead, and a
+        new one is saved there."""
+        version = check_runtime(runtime)
+        _check_batch(batch)
+        _check_threads(threads)
+        if not isinstance(space, PruningSpace):
+            raise ConfigError(f"space must be a PruningSpace, got {type(space).__name__}")
+        step = kernel_step() if step is None else step
+        key = {"format": FORMAT, "runtime": runtime, "version": version, "threads": threads, "batch": batch,
+               "cpu": cpu_model(), "space": space.fingerprint, "step": step}
+        path = cache_path(key, cache_dir) if cache else None
+        if path is not None and path.exists():
+            table = cls._load(path, space, key)
+            if table is not None:
+                return table
+        t0 = time.perf_counter()
+        shapes = _ShapeCache(key, cache_dir, persist=cache)
+        cost = space.cost_model
+        layers = []
+        work = model.eval()
+        with _torch_threads(threads):
+            for i, call in enumerate(cost.calls):
+                spec = _layer_spec(work, call, cost.base, batch)
+                if spec is None:
+                    continue
+                in_row = call.in_dims[1 if call.kind == "conv" else -1]
+                out_row = call.out_dims[1 if call.kind == "conv" else -1]
+                divisor = 1 if spec["kind"] == "linear" or spec["depthwise"] else spec["groups"]
+                gin = width_grid(int(cost.base[in_row]), bool(cost.coeff[in_row].any()), step)
+                gout = width_grid(int(cost.base[out_row]), bool(cost.coeff[out_row].any()), step)
+                gin = sorted({_snap(w, divisor) for w in gin})
+                gout = sorted({_snap(w, divisor) for w in gout})
+                if spec["kind"] == "conv" and spec["depthwise"]:  # in == out: time the diagonal only
+                    diag = [shapes.get(spec, w, w, runtime, threads, repeats) for w in gin]
+                    ms = [[diag[a] for _ in gout] for a in range(len(gin))]
+                else:
+                    ms = [[shapes.get(spec, a, o, runtime, threads, repeats) for o in gout] for a in gin]
+                layers.append(_Layer(i, call.module, in_row, out_row, gin, gout, ms))
+        shapes.save()
+        if not layers:
+            raise ModelError(f"{space.model_name} has no conv or linear layer to time")
+        table = cls(space, layers, [[0.0, 1.0], [0.0, 1.0]], key, [])
+        table.calibration = _calibrate(table, model, example_inputs, runtime, batch, threads)
+        table.fit = _fit_line(table.calibration)
+        table.build_s = time.perf_counter() - t0
+        if path is not None:
+            table.save(path)
+        return table
+
+    # --------------------------------------------------------------- cache
+    def to_dict(self) -> dict:
+        return {"key": self.key, "fit": list(self.fit), "calibration": self.calibration, "build_s": self.build_s,
+                "layers": [vars(layer) for layer in self.layers]}
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, space: PruningSpace) -> "LatencyTable":
+        """A saved table for ``space``, whatever machine measured it (check ``table.key``)."""
+        data = json.loads(Path(path).read_text())
+        if data.get("key", {}).get("space") != space.fingerprint:
+            raise ConfigError(f"{path} was measured for another pruning space ({data.get('key', {}).get('space')}, "
+                              f"this one is {space.fingerprint})")
+        return cls._from_dict(data, space)
+
+    @classmethod
+    def _from_dict(cls, data: dict, space: PruningSpace) -> "LatencyTable":
+        layers = [_Layer(**layer) for layer in data["layers"]]
+        return cls(space, layers, data["fit"], data["key"], data["calibration"], data.get("build_s", 0.0))
+
+    @classmethod
+    def _load(cls, path: Path, space: PruningSpace, key: dict) -> "LatencyTable | None":
+        try:
+            data = json.loads(path.read_text())
+            stored = data["key"]
+            table = cls._from_dict(data, space)
+            for layer in table.layers:
+                if not (len(layer.ms) == len(layer.grid_in) and all(len(r) == len(layer.grid_out) for r in layer.ms)
+                        and all(math.isfinite(v) and v >= 0 for r in layer.ms for v in r)):
+                    raise ValueError("layer timings do not match their grid")
+        except Exception as exc:
+            warnings.warn(f"latency cache {path} is unreadable ({type(exc).__name__}: {exc}); re-measuring",
+                          LatencyWarning, stacklevel=3)
+            return None
+        differs = [f"{k} {stored.get(k)!r} (here {v!r})" for k, v in key.items() if stored.get(k) != v]
+        if differs:
+            warnings.warn(f"latency cache {path} is not used: it was measured with " + ", ".join(differs)
+                          + "; re-measuring", LatencyWarning, stacklevel=3)
+            return None
+        return table
+
+
+def cache_dir_default() -> Path:
+    return Path(os.environ.get("EVOPRUNE_CACHE") or Path.home() / ".cache" / "evoprune")
+
+
+def cache_path(key: dict, cache_dir=None) -> Path:
+    """Where the table for ``key`` lives: one file per space, runtime, batch and threads (the machine and runtime
+    version are checked inside, so a stale file is named, not silently used)."""
+    tag = hashlib.sha256(json.dumps([key["space"], key["runtime"], key["batch"], key["threads"]]).encode())
+    return Path(cache_dir or cache_dir_default()) / "latency" / f"{key['runtime']}-{tag.hexdigest()[:16]}.json"
+
+
+class _ShapeCache:
+    """Per-layer timings by exact shape for one machine/runtime/threads/batch, shared by every space measured there
+    (a later round's smaller model re-uses most of them)."""
+
+    def __init__(self, key: dict, cache_dir, persist: bool):
+        machine = {k: key[k] for k in ("format", "runtime", "version", "threads", "batch", "cpu")}
+        self.path = None
+        self.data: dict[str, float] = {}
+        if persist:
+            tag = hashlib.sha256(json.dumps(machine, sort_keys=True).encode()).hexdigest()[:16]
+            self.path = Path(cache_dir or cache_dir_default()) / "latency" / f"layers-{tag}.json"
+            with contextlib.suppress(Exception):
+                data = json.loads(self.path.read_text())
+                if data.get("machine") == machine:
+                    self.data = {k: float(v) for k, v in data["ms"].items() if math.isfinite(float(v))}
+        self.machine = machine
+        self.dirty = False
+
+    def get(self, spec, cin, cout, runtime, threads, repeats) -> float:
+        k = _spec_key(spec, cin, cout)
+        if k not in self.data:
+            self.data[k] = _time_layer(spec, cin, cout, runtime, threads, repeats)
+            self.dirty = True
+        return self.data[k]
+
+    def save(self):
+        if self.path is not None and self.dirty:
+            with contextlib.suppress(OSError):
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                write_json(self.path, {"machine": self.machine, "ms": self.data})
+
+
+# ---------------------------------------------------------------------------------------------------- calibration
+def calibration_plans(space: PruningSpace, step: int = 1) -> list[tuple[str, list[int], list[bool]]]:
+    """(name, kept counts, active units) of the plans the end-to-end line is fitted on; widths are multiples of
+    ``step`` where the group allows."""
+    full = [g.size for g in space.groups]
+    units = [True] * len(space.units)
+    plans = [("full", full, units)]
+    for keep in (0.75, 0.5, 0.3):
+        counts = [s if s % step else max(step, step * round(keep * s / step)) for s in full]
+        plans.append((f"uniform {keep:.0%}", [max(space.min_keep, c) for c in counts], units))
+    if space.units:
+        plans.append(("every unit cut", full, [False] * len(space.units)))
+    return plans
+
+
+def _plan_from_counts(space: PruningSpace, counts, active) -> PruningPlan:
+    return PruningPlan({g.name: tuple(range(c)) for g, c in zip(space.groups, counts)},
+                       {u.name: bool(a) for u, a in zip(space.units, active)}, fingerprint=space.fingerprint)
+
+
+def _calibrate(table: LatencyTable, model, example_inputs, runtime, batch, threads) -> list[dict]:
+    from .surgery import apply_plan
+    rows = []
+    space = table.space
+    for name, counts, active in calibration_plans(space, table.step):
+        plan = _plan_from_counts(space, counts, active)
+        net = model if name == "full" else apply_plan(model, plan, example_inputs, space=space)
+        timing = measure(net, example_inputs, runtime=runtime, batch=batch, threads=threads)
+        rows.append({"plan": name, "layers_ms": table._layer_sum(counts, active), "measured_ms": timing.median_ms,
+                     "spread": timing.spread})
+    return rows
+
+
+def _fit_line(rows: list[dict]) -> list[list[float]]:
+    """The map from summed layer times to end-to-end ms: a monotone piecewise-linear curve through the
+    calibration points and the origin, extended past the largest point along its last segment."""
+    pts = sorted((float(r["layers_ms"]), float(r["measured_ms"])) for r in rows)
+    xs, ys = [0.0], [0.0]
+    for x, y in pts:
+        if x > xs[-1]:
+            xs.append(x)
+            ys.append(max(y, ys[-1]))  # never predict a smaller model as slower than a larger one
+    return [xs, ys]
+
+
+__all__ = ["LatencyTable", "LatencyWarning", "Timing", "measure", "time_call", "check_runtime", "cpu_model",
+           "RUNTIMES", "calibration_plans", "width_grid"]
