@@ -137,6 +137,18 @@ def bootstrap_diff(a: np.ndarray, b: np.ndarray, n: int = 2000, seed: int = 0) -
     return float(d.mean()), float(lo), float(hi)
 
 
+def setup(args):
+    """The data, the val-report half, the fitness subset (inputs, labels), the BN re-calibration batches and the
+    teacher, from ``--data``, ``--score-samples``, ``--recal-batches`` and ``--arch``."""
+    data = load_cifar10(args.data)
+    search_set, report_set = data.val.stratified_split(0.5, seed=0)
+    score_set = search_set.stratified_sample(args.score_samples, seed=0)
+    recal_sample = data.train.stratified_sample(args.recal_batches * 64, seed=1)
+    recal_x = [normalize(recal_sample.images[i:i + 64]) for i in range(0, len(recal_sample), 64)]
+    teacher = load_weights(MODELS[args.arch](num_classes=10), SHARED / "models" / WEIGHTS[args.arch]).eval()
+    return data, report_set, normalize(score_set.images), score_set.labels, recal_x, teacher
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", choices=sorted(WEIGHTS), default="resnet18_tv")
@@ -169,13 +181,7 @@ def main():
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"b1_seeds_{args.arch}{'_quick' if args.quick else ''}.json")
 
     t_start = time.perf_counter()
-    data = load_cifar10(args.data)
-    search_set, report_set = data.val.stratified_split(0.5, seed=0)
-    score_set = search_set.stratified_sample(args.score_samples, seed=0)
-    sx, sy = normalize(score_set.images), score_set.labels
-    recal_sample = data.train.stratified_sample(args.recal_batches * 64, seed=1)
-    recal_x = [normalize(recal_sample.images[i:i + 64]) for i in range(0, len(recal_sample), 64)]
-    teacher = load_weights(MODELS[args.arch](num_classes=10), SHARED / "models" / WEIGHTS[args.arch]).eval()
+    data, report_set, sx, sy, recal_x, teacher = setup(args)
     x = sx[:1]
     base_macs, base_params = tp.utils.count_ops_and_params(teacher, x)
     teacher_correct = correctness(teacher, report_set)

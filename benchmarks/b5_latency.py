@@ -42,12 +42,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from b1_seeds import WEIGHTS, bits, bootstrap_diff, classifier_of, correctness, log, unbits  # noqa: E402
+from b1_seeds import WEIGHTS, bits, bootstrap_diff, classifier_of, correctness, log, setup, unbits  # noqa: E402
 from evoprune import PruningPlan, PruningSpace, apply_plan, search  # noqa: E402
-from evoprune.data import load_cifar10, normalize  # noqa: E402
 from evoprune.fitness import FitnessConfig, recalibrate_bn  # noqa: E402
 from evoprune.latency import LatencyTable, kernel_step, measure  # noqa: E402
-from evoprune.models import MODELS, load_weights  # noqa: E402
 from evoprune.storage import write_json, write_text  # noqa: E402
 from evoprune.train import finetune  # noqa: E402
 
@@ -146,13 +144,7 @@ def main():
     lt = args.latency_threads
 
     t_start = time.perf_counter()
-    data = load_cifar10(args.data)
-    search_set, report_set = data.val.stratified_split(0.5, seed=0)
-    score_set = search_set.stratified_sample(args.score_samples, seed=0)
-    sx, sy = normalize(score_set.images), score_set.labels
-    recal_sample = data.train.stratified_sample(args.recal_batches * 64, seed=1)
-    recal_x = [normalize(recal_sample.images[i:i + 64]) for i in range(0, len(recal_sample), 64)]
-    teacher = load_weights(MODELS[args.arch](num_classes=10), SHARED / "models" / WEIGHTS[args.arch]).eval()
+    data, report_set, sx, sy, recal_x, teacher = setup(args)
     x = sx[:1]
     base_macs, base_params = tp.utils.count_ops_and_params(teacher, x)
     teacher_correct = correctness(teacher, report_set)
@@ -171,6 +163,13 @@ def main():
                                                    "top1_report": float(teacher_correct.mean())},
                "table": {"build_s": build_s, "repr": repr(table), "step": table.step, "key": table.key,
                          "calibration": table.calibration}, "errors": errors, "budgets": {}, "rows": []}
+    same = ("methods", "cut_steps")
+    if out.exists():  # resume: keep the rows already measured with the same settings (methods may differ)
+        old = json.loads(out.read_text())
+        if {k: v for k, v in old["settings"].items() if k not in same} == \
+                {k: v for k, v in vars(args).items() if k not in same}:
+            results["rows"], results["budgets"] = old["rows"], old["budgets"]
+    done = {(r["budget"], r["seed"], r["method"]) for r in results["rows"]}
 
     def save():
         results["wall_time_s"] = time.perf_counter() - t_start
@@ -180,20 +179,26 @@ def main():
         return tp.utils.count_ops_and_params(model, x)[0]
 
     for name in args.budgets.split(","):
-        if name == "a":
+        known = results["budgets"].get(name)  # a resumed run keeps its budgets
+        if known:
+            budget_ms = known["ms"]
+        elif name == "a":
             ref = tp_at(teacher, x, macs_of, 0.25 * base_macs, False, steps=14)
             budget_ms = ms_of(ref, x, lt)
         else:
             budget_ms = 0.4 * teacher_ms
-        wanted = {"tp-uniform"} | ({"tp-global", "tp-uniform-snap"} & set(methods))  # tp-uniform: ga-macs's target
+        todo = {m for m in methods if any((name, s, m) not in done for s in seeds)}
+        wanted = {m for m in todo if m.startswith("tp-")} | (set() if known else {"tp-uniform"})  # ga-macs target
         tp_models = {m: tp_at(teacher, x, lambda net: ms_of(net, x, lt), budget_ms, m == "tp-global",
                               round_to=table.step if m.endswith("-snap") else None) for m in sorted(wanted)}
-        macs_frac = macs_of(tp_models["tp-uniform"]) / base_macs
+        macs_frac = known["ga_macs_target"] if known else macs_of(tp_models["tp-uniform"]) / base_macs
         results["budgets"][name] = {"ms": budget_ms, "ga_macs_target": macs_frac}
         log(f"budget {name}: {budget_ms:.3f} ms ({budget_ms / teacher_ms:.0%} of the teacher); ga-macs target "
             f"{macs_frac:.1%} MACs")
         for seed in seeds:
             for method in methods:
+                if (name, seed, method) in done:
+                    continue
                 t0 = time.perf_counter()
                 row = {"budget": name, "budget_ms": budget_ms, "seed": seed, "method": method}
                 if method.startswith("tp-"):

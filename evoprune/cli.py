@@ -602,8 +602,21 @@ def _summary_lines(result, out: Path) -> str:
         f"final   : top-1 {top1(last.get('top1'))} (same images), {last['macs'] / 1e6:.3f} MMACs ({macs_pct:.1f} % "
         f"of baseline, -{100 - macs_pct:.1f} %), {last['params']:,} params (-{100 - params_pct:.1f} %) after "
         f"{rounds} round(s)",
+        *([_latency_line(result)] if "latency_ms" in base else []),
         f"files   : {files}" + "".join(f"; {line}" for line in result.skipped),
     ])
+
+
+def _latency_line(result) -> str:
+    """Measured latency before and after, on the runtime the run targeted."""
+    base, last, s = result.baseline, result.rows[-1], result.settings
+    where = f"{s.get('runtime')}, {s.get('threads')} thread(s)"
+    text = (f"latency : {base['latency_ms']:.3f} -> {last['latency_ms']:.3f} ms at batch 1 "
+            f"({base['latency_ms'] / last['latency_ms']:.2f}x faster)")
+    if base["latency_batch"] != 1:
+        text += (f", {base['latency_batch_ms']:.3f} -> {last['latency_batch_ms']:.3f} ms at batch "
+                 f"{base['latency_batch']}")
+    return f"{text}, measured on {where}; budget {last['budget']:.3f} ms at batch {base['latency_batch']}"
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -5,10 +5,11 @@ torch: warm-up, repeated samples, the median. It is the ground truth.
 
 :meth:`LatencyTable.measure` times every conv/linear call of the space's model on its own, in its real context
 (the same kernel, stride, padding, groups and input size as in the model, at the latency batch), at a grid of
-input/output widths (multiples of 8, the widths CPU kernels step at, plus the full width). A plan's latency is the
-sum of its live layers' times, interpolated at the widths the plan leaves, mapped to end-to-end milliseconds by a
-line fitted on a few physically pruned models (full, uniform 75/50/30 %, and every connection unit cut): the fit
-absorbs what the layers alone miss (pooling, residual adds, per-op overheads, fusion). Tables are cached on disk,
+input/output widths (multiples of the channel block CPU kernels step at, :func:`kernel_step`, plus the full
+width). A plan's latency is the sum of its live layers' times, interpolated at the widths the plan leaves, mapped
+to end-to-end milliseconds by a monotone piecewise-linear curve through a few physically pruned models (full,
+uniform 75/50/30 %, and every connection unit cut, all measured end to end): the curve absorbs what the layers
+alone miss (pooling, residual adds, per-op overheads, fusion, cache effects). Tables are cached on disk,
 keyed by runtime and version, threads, batch, CPU model and the space's fingerprint; a cache measured elsewhere is
 not used, and the warning says why.
 """
@@ -135,12 +136,17 @@ class Timing:
 
 
 def time_call(run: Callable[[], object], *, warmup: int = 3, repeats: int = 15, max_repeats: int = 120,
-              max_spread: float = 0.15, sample_ms: float = 2.0, what: str = "a call") -> Timing:
-    """Median time of ``run()`` in ms. Each sample times enough back-to-back calls to last ``sample_ms``; when the
+              max_spread: float = 0.15, sample_ms: float = 2.0, warmup_s: float = 0.1,
+              what: str = "a call") -> Timing:
+    """Median time of ``run()`` in ms, after ``warmup`` calls and at least ``warmup_s`` seconds of them. Each sample
+    times enough back-to-back calls to last ``sample_ms``; when the
     samples' spread (IQR / median) exceeds ``max_spread`` the repeats double, up to ``max_repeats``, and a
     :class:`LatencyWarning` says if it is still unstable."""
-    for _ in range(max(1, warmup)):
+    t0 = time.perf_counter()
+    n = 0
+    while n < max(1, warmup) or time.perf_counter() - t0 < warmup_s:  # caches, thread pools, lazy allocations
         run()
+        n += 1
     t0 = time.perf_counter()
     run()
     once = max(time.perf_counter() - t0, 1e-7)
@@ -221,7 +227,6 @@ def _spec_key(spec: dict, cin: int, cout: int) -> str:
 
 
 def _onnx_layer(spec: dict, cin: int, cout: int) -> bytes:
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
     rng = np.random.default_rng(0)
     shape = list(spec["in_shape"])
@@ -273,7 +278,8 @@ def _time_layer(spec: dict, cin: int, cout: int, runtime: str, threads: int, rep
         run = _runner(runtime, None, x, threads, onnx=_onnx_layer(spec, cin, cout))
     else:
         run = _runner(runtime, _torch_layer(spec, cin, cout), x, threads)
-    return time_call(run, warmup=2, repeats=repeats, sample_ms=1.0, what=f"a {spec['kind']} {cin}->{cout}").median_ms
+    return time_call(run, warmup=2, repeats=repeats, sample_ms=1.0, warmup_s=0.02,
+                     what=f"a {spec['kind']} {cin}->{cout}").median_ms
 
 
 def width_grid(size: int, varies: bool, step: int) -> list[int]:
@@ -404,10 +410,9 @@ class LatencyTable:
     def measure(cls, model: nn.Module, space: PruningSpace, example_inputs: torch.Tensor, *,
                 runtime: str = "onnxruntime", batch: int = 1, threads: int = 1, repeats: int = 10,
                 step: int | None = None,
-                cache_dir: str | os.PathLike | None = None, cache: bool = True,
-                verbose: bool = False) -> "LatencyTable":
-        """Time ``model``'s conv/linear layers at a grid of widths and fit the end-to-end line (see the module
-        docstring). With ``cache`` (default) a table cached in ``cache_dir`` (default ``$EVOPRUNE_CACHE`` or
+                cache_dir: str | os.PathLike | None = None, cache: bool = True) -> "LatencyTable":
+        """Time ``model``'s conv/linear layers at a grid of widths (multiples of ``step``, default
+        :func:`kernel_step`) and fit the end-to-end curve (see the module docstring). With ``cache`` (default) a table cached in ``cache_dir`` (default ``$EVOPRUNE_CACHE`` or
         ``~/.cache/evoprune``) for this runtime, version, threads, batch, CPU and space is loaded instead, and a
         new one is saved there."""
         version = check_runtime(runtime)
@@ -427,10 +432,9 @@ class LatencyTable:
         shapes = _ShapeCache(key, cache_dir, persist=cache)
         cost = space.cost_model
         layers = []
-        work = model.eval()
         with _torch_threads(threads):
             for i, call in enumerate(cost.calls):
-                spec = _layer_spec(work, call, cost.base, batch)
+                spec = _layer_spec(model, call, cost.base, batch)
                 if spec is None:
                     continue
                 in_row = call.in_dims[1 if call.kind == "conv" else -1]

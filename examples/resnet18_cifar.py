@@ -8,6 +8,9 @@ resnet18_tv`` in the CLI): 11.2 M parameters, 37.2 M MACs at 32x32, the layout o
 blocks with an identity shortcut become connection genes: cutting one bypasses the block. Without ``--weights`` a
 baseline is trained first (``--baseline-epochs``) and cached in --out. (``evoprune prune --arch resnet18`` is the
 CIFAR-stem variant, 557 M MACs.)
+
+For a latency target on the deployment runtime instead of a MACs fraction: ``--target-latency-ms MS`` (ONNX Runtime
+on the CPU by default: ``--runtime``, ``--latency-batch``, ``--threads``; needs ``pip install 'evoprune[onnx]'``).
 """
 import sys
 from pathlib import Path

@@ -5,6 +5,9 @@
 
 Without ``python -m scoop`` it runs serially. Without ``--weights`` it trains (and caches) a baseline first.
 Writes round{k}.pt / .torchscript.pt / .json, report.md, report.json, pareto.png and logbook.csv into --out.
+
+For a latency target on the deployment runtime instead of a MACs fraction: ``--target-latency-ms MS`` (ONNX Runtime
+on the CPU by default: ``--runtime``, ``--latency-batch``, ``--threads``; needs ``pip install 'evoprune[onnx]'``).
 """
 import sys
 from pathlib import Path

@@ -209,3 +209,20 @@ def test_short_distillation_steps_raise_the_score_of_a_heavily_pruned_plan(setup
     check()  # the fine-tuning happened on a pruned copy
     with pytest.raises(ConfigError, match="finetune_steps"):
         FitnessConfig(finetune_steps=-1).check()
+
+
+def test_cut_steps_distil_only_plans_that_cut_a_connection(setup):
+    """``cut_steps`` judges depth cuts after a short distillation, and leaves every other plan's score alone."""
+    model, space, imp, x, y, recal = setup
+    assert space.units, "the tiny CNN needs a cuttable unit for this test"
+    keep = uniform(space, imp, 0.6)
+    cut = uniform(space, imp, 0.6, cut=[space.units[0].name])
+    plain = Evaluator(model, space, x, y, recal)
+    judged = Evaluator(model, space, x, y, recal, FitnessConfig(cut_steps=30, finetune_lr=0.02))
+    assert judged(keep) == plain(keep)  # no cut: same score, same cost, no training
+    assert judged(cut)[0] > plain(cut)[0]  # a cut recovers under distillation
+    assert judged(cut)[1] == plain(cut)[1]
+    with pytest.raises(ConfigError, match="cut_steps must be an int >= 0"):
+        FitnessConfig(cut_steps=-1).check()
+    with pytest.raises(ConfigError, match="cut_steps needs bn_recalibration"):
+        FitnessConfig(cut_steps=5, bn_recalibration=False).check()
