@@ -2,6 +2,8 @@
 
 model -> :class:`PruningSpace` (what can be pruned) -> individuals (neuron + connection chromosomes) -> DEAP operators
 -> :func:`register` (DEAP toolbox) -> :class:`Evaluator` (fitness) -> :func:`search` -> :func:`apply_plan` (torch-pruning surgery) -> :func:`export`.
+:mod:`evoprune.latency` (on :mod:`evoprune.runtime`) measures and predicts latency on the deployment runtime, for
+``target_kind="latency"``.
 """
 from ._version import __version__
 from .errors import (CheckpointError, ConfigError, DataError, EvoPruneError, ModelError, PlanError,

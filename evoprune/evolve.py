@@ -31,8 +31,9 @@ from .export import layer_widths, model_bytes
 from .fitness import Evaluator, FitnessConfig, recalibrate_bn, reference_score
 from .importance import KINDS as IMPORTANCE_KINDS
 from .importance import channel_importance
-from .latency import LatencyTable, check_runtime, kernel_step
-from .latency import measure as measure_latency
+from .latency import LatencyTable
+from .runtime import check_runtime, kernel_step
+from .runtime import measure as measure_latency
 from .operators import check_probability, sel_budget
 from .plan import PruningPlan
 from .progress import bar, status

@@ -34,7 +34,7 @@ from ._version import __version__
 from .data import Cifar10, ImageSet, normalize
 from .errors import CheckpointError, ConfigError
 from .evolve import METHODS, SearchConfig, SearchResult, search
-from .latency import RUNTIMES
+from .runtime import RUNTIMES
 from .toolbox import CROSSOVERS, MUTATIONS
 from .export import export
 from .fitness import FitnessConfig

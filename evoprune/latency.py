@@ -1,32 +1,27 @@
-"""Measured latency on a deployment runtime, and a table that predicts it for any plan of a pruning space.
-
-:func:`measure` times a whole model end to end on ONNX Runtime (CPU, the default deployment runtime) or eager
-torch: warm-up, repeated samples, the median. It is the ground truth.
+"""A latency table: the predicted end-to-end latency of any plan of a pruning space on a deployment runtime.
 
 :meth:`LatencyTable.measure` times every conv/linear call of the space's model on its own, in its real context
 (the same kernel, stride, padding, groups and input size as in the model, at the latency batch), at a grid of
 input/output widths (multiples of the channel block CPU kernels step at, :func:`kernel_step`, plus the full
 width). A plan's latency is the sum of its live layers' times, interpolated at the widths the plan leaves, mapped
 to end-to-end milliseconds by a monotone piecewise-linear curve through a few physically pruned models (full,
-uniform 75/50/30 %, and every connection unit cut, all measured end to end): the curve absorbs what the layers
-alone miss (pooling, residual adds, per-op overheads, fusion, cache effects). Tables are cached on disk,
-keyed by runtime and version, threads, batch, CPU model and the space's fingerprint; a cache measured elsewhere is
-not used, and the warning says why.
+uniform 75/50/30 %, and every connection unit cut, all measured end to end with :func:`measure`): the curve absorbs
+what the layers alone miss (pooling, residual adds, per-op overheads, fusion, cache effects). Tables are cached on
+disk, keyed by runtime and version, threads, batch, CPU model and the space's fingerprint; a cache measured
+elsewhere is not used, and the warning says why.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import json
 import math
 import os
-import platform
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -34,170 +29,13 @@ import torch.nn as nn
 
 from .errors import ConfigError, ModelError
 from .plan import PruningPlan
+from .runtime import (RUNTIMES, LatencyWarning, Timing, check_batch, check_threads, runner, torch_threads,
+                      check_runtime, cpu_model, kernel_step, measure, time_call)
 from .space import PruningSpace
 from .storage import write_json
 
-RUNTIMES = ("onnxruntime", "torch")
 FORMAT = 2  # bump when the table's contents or meaning change: older caches are then re-measured
 _MULTIPLES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-
-
-class LatencyWarning(UserWarning):
-    """Timings were unstable (a loaded machine?) even after more repeats, or a latency cache was not used."""
-
-
-# ---------------------------------------------------------------------------------------------------- runtimes
-def check_runtime(runtime: str) -> str:
-    """Raise :class:`ConfigError` unless ``runtime`` is known and installed; return its version."""
-    if runtime not in RUNTIMES:
-        raise ConfigError(f"must be one of {', '.join(RUNTIMES)}, got {runtime!r}", setting="runtime")
-    if runtime == "torch":
-        return torch.__version__
-    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise ConfigError(f"'onnxruntime' needs {' and '.join(missing)}: pip install 'evoprune[onnx]' "
-                          "(or measure on runtime='torch')", setting="runtime")
-    import onnxruntime
-    return onnxruntime.__version__
-
-
-def _check_threads(threads) -> int:
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ConfigError(f"must be an int >= 1, got {threads!r}", setting="threads")
-    return threads
-
-
-def _check_batch(batch) -> int:
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ConfigError(f"must be an int >= 1, got {batch!r}", setting="batch")
-    return batch
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux), part of every cache key."""
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def _ort_session(model: bytes, threads: int):
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
-
-
-@contextlib.contextmanager
-def _torch_threads(threads: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def _runner(runtime: str, module: nn.Module | None, x: torch.Tensor, threads: int, onnx: bytes | None = None):
-    """A no-argument callable that runs one inference of ``module`` (or the ONNX bytes) on ``x``."""
-    if runtime == "onnxruntime":
-        if onnx is None:
-            from .export import onnx_bytes
-            onnx = onnx_bytes(module, x)
-        sess = _ort_session(onnx, threads)
-        feed = {sess.get_inputs()[0].name: x.numpy()}
-        return lambda: sess.run(None, feed)
-    module = module.eval()
-
-    def run():
-        with torch.inference_mode():
-            module(x)
-    return run
-
-
-# ---------------------------------------------------------------------------------------------------- timing
-@dataclass
-class Timing:
-    """One measurement: the median over ``repeats`` samples, in milliseconds, and its relative spread
-    (interquartile range over median)."""
-
-    median_ms: float
-    spread: float
-    repeats: int
-
-    def to_dict(self) -> dict:
-        return {"median_ms": self.median_ms, "spread": self.spread, "repeats": self.repeats}
-
-
-def time_call(run: Callable[[], object], *, warmup: int = 3, repeats: int = 15, max_repeats: int = 120,
-              max_spread: float = 0.15, sample_ms: float = 2.0, warmup_s: float = 0.1,
-              what: str = "a call") -> Timing:
-    """Median time of ``run()`` in ms, after ``warmup`` calls and at least ``warmup_s`` seconds of them. Each sample
-    times enough back-to-back calls to last ``sample_ms``; when the
-    samples' spread (IQR / median) exceeds ``max_spread`` the repeats double, up to ``max_repeats``, and a
-    :class:`LatencyWarning` says if it is still unstable."""
-    t0 = time.perf_counter()
-    n = 0
-    while n < max(1, warmup) or time.perf_counter() - t0 < warmup_s:  # caches, thread pools, lazy allocations
-        run()
-        n += 1
-    t0 = time.perf_counter()
-    run()
-    once = max(time.perf_counter() - t0, 1e-7)
-    inner = max(1, min(1000, int(sample_ms / 1e3 / once)))
-    samples: list[float] = []
-    want = repeats
-    while True:
-        while len(samples) < want:
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                run()
-            samples.append((time.perf_counter() - t0) * 1e3 / inner)
-        q1, med, q3 = np.percentile(samples, [25, 50, 75])
-        spread = float((q3 - q1) / med) if med > 0 else 0.0
-        if spread <= max_spread or want >= max_repeats:
-            break
-        want = min(max_repeats, want * 2)
-    if spread > max_spread:
-        warnings.warn(f"unstable timings for {what}: spread {spread:.0%} of the median after {len(samples)} "
-                      "repeats (is the machine loaded?); the median is used", LatencyWarning, stacklevel=3)
-    return Timing(float(med), spread, len(samples))
-
-
-def _batched(example_inputs: torch.Tensor, batch: int) -> torch.Tensor:
-    x = example_inputs[:1].detach().cpu().float()
-    return x.expand(batch, *x.shape[1:]).contiguous()
-
-
-def measure(model: nn.Module, example_inputs: torch.Tensor, *, runtime: str = "onnxruntime", batch: int = 1,
-            threads: int = 1, warmup: int = 5, repeats: int = 20) -> Timing:
-    """End-to-end latency of ``model`` on ``runtime`` at ``batch`` (inputs shaped like ``example_inputs``), with
-    ``threads`` intra-op threads. ONNX Runtime gets the model as :func:`evoprune.export` writes it."""
-    check_runtime(runtime)
-    _check_batch(batch)
-    _check_threads(threads)
-    if not isinstance(model, nn.Module):
-        raise ModelError(f"measure expects an nn.Module, got {type(model).__name__}")
-    x = _batched(example_inputs, batch)
-    was_training = model.training
-    model.eval()
-    try:
-        with _torch_threads(threads):
-            try:
-                run = _runner(runtime, model, x, threads)
-                run()
-            except Exception as exc:
-                raise ModelError(f"{type(model).__name__} cannot run on {runtime} with inputs of shape "
-                                 f"{tuple(x.shape)}: {type(exc).__name__}: {exc}") from None
-            return time_call(run, warmup=warmup, repeats=repeats, what=f"{type(model).__name__} on {runtime}")
-    finally:
-        model.train(was_training)
 
 
 # ---------------------------------------------------------------------------------------------------- one layer
@@ -275,9 +113,9 @@ def _time_layer(spec: dict, cin: int, cout: int, runtime: str, threads: int, rep
     shape[1 if spec["kind"] == "conv" else -1] = cin
     x = torch.randn(*shape)
     if runtime == "onnxruntime":
-        run = _runner(runtime, None, x, threads, onnx=_onnx_layer(spec, cin, cout))
+        run = runner(runtime, None, x, threads, onnx=_onnx_layer(spec, cin, cout))
     else:
-        run = _runner(runtime, _torch_layer(spec, cin, cout), x, threads)
+        run = runner(runtime, _torch_layer(spec, cin, cout), x, threads)
     return time_call(run, warmup=2, repeats=repeats, sample_ms=1.0, warmup_s=0.02,
                      what=f"a {spec['kind']} {cin}->{cout}").median_ms
 
@@ -287,17 +125,6 @@ def width_grid(size: int, varies: bool, step: int) -> list[int]:
     if not varies:
         return [size]
     return sorted({step * m for m in _MULTIPLES if step * m < size} | {size})
-
-
-def kernel_step() -> int:
-    """The channel block CPU kernels step at here: 16 with AVX-512, else 8 (ONNX Runtime's NCHWc and oneDNN
-    layouts). Widths that are not multiples of it run on slower paths and force layout reorders between layers."""
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return 16 if "avx512f" in line.split() else 8
-    return 8
 
 
 def _snap(width: int, divisor: int) -> int:
@@ -416,8 +243,8 @@ class LatencyTable:
         ``~/.cache/evoprune``) for this runtime, version, threads, batch, CPU and space is loaded instead, and a
         new one is saved there."""
         version = check_runtime(runtime)
-        _check_batch(batch)
-        _check_threads(threads)
+        check_batch(batch)
+        check_threads(threads)
         if not isinstance(space, PruningSpace):
             raise ConfigError(f"space must be a PruningSpace, got {type(space).__name__}")
         step = kernel_step() if step is None else step
@@ -432,7 +259,7 @@ class LatencyTable:
         shapes = _ShapeCache(key, cache_dir, persist=cache)
         cost = space.cost_model
         layers = []
-        with _torch_threads(threads):
+        with torch_threads(threads):
             for i, call in enumerate(cost.calls):
                 spec = _layer_spec(model, call, cost.base, batch)
                 if spec is None:
@@ -594,5 +421,6 @@ def _fit_line(rows: list[dict]) -> list[list[float]]:
     return [xs, ys]
 
 
-__all__ = ["LatencyTable", "LatencyWarning", "Timing", "measure", "time_call", "check_runtime", "cpu_model",
-           "RUNTIMES", "calibration_plans", "width_grid"]
+__all__ = ["LatencyTable", "calibration_plans", "width_grid", "cache_path",
+           # re-exported from evoprune.runtime, so that ``evoprune.latency`` is the one import a user needs
+           "LatencyWarning", "Timing", "measure", "time_call", "check_runtime", "cpu_model", "kernel_step", "RUNTIMES"]
