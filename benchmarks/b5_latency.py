@@ -18,8 +18,10 @@ top-1). Steps:
    fraction tp-uniform needs to reach the budget), ``random-latency`` (random search at the latency budget, the
    GA's evaluation count), ``tp-uniform`` and ``tp-global`` (MetaPruner, L1, the ratio bisected on measured
    latency; ``tp-uniform-snap``: the same with ``round_to`` = the channel block, torch-pruning's own way to keep
-   kernel-friendly widths). Every model is then measured (latency, MACs, params), BN re-calibrated (calib) and fine-tuned with KD
-   for --ft-epochs (ft; the same recipe and seed for every method).
+   kernel-friendly widths). On request: ``ga-latency-nocut`` (initial plans cut no connection, ``init_cut=0``)
+   and ``ga-latency-distil`` (plans that cut a connection get --cut-steps distillation steps before scoring).
+   Every model is then measured (latency, MACs, params), BN re-calibrated (calib) and fine-tuned with KD for
+   --ft-epochs (ft; the same recipe and seed for every method).
 4. Mean ± sd per method, and a hierarchical paired bootstrap 95 % CI of ga-latency minus each method (seeds, then
    report images). Writes benchmarks/results/b5_latency_<arch>[_quick].json and .md.
 """
@@ -51,8 +53,12 @@ from evoprune.train import finetune  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 METHODS = ("ga-latency", "ga-macs", "random-latency", "tp-uniform", "tp-global", "tp-uniform-snap",
-           "ga-latency-distil")
+           "ga-latency-nocut", "ga-latency-distil")
 DEFAULT_METHODS = METHODS[:6]
+SEARCH_SETTINGS = {  # method -> extra search() settings
+    "ga-latency-nocut": {"init_cut": 0.0},  # the GA's initial plans cut no connection (the default before B5)
+    "random-latency": {"method": "random"},
+}
 NEAR_CHANCE = 0.2  # a fitness score (top-1 on the search subset) at most this is "near chance" (10 classes)
 
 
@@ -208,9 +214,8 @@ def main():
                         dict(target=macs_frac)
                     fit = FitnessConfig(cut_steps=args.cut_steps if method == "ga-latency-distil" else 0)
                     res = search(teacher, x, sx, sy, recal_x=recal_x, rounds=1, generations=args.generations,
-                                 fitness=fit,
-                                 population=args.population, elites=args.elites, seed=seed, verbose=False,
-                                 progress=False, method="random" if method == "random-latency" else "ga", **kw)
+                                 fitness=fit, population=args.population, elites=args.elites, seed=seed,
+                                 verbose=False, progress=False, **kw, **SEARCH_SETTINGS.get(method, {}))
                     sp = PruningSpace.from_model(teacher, x, with_cost=False)
                     model = apply_plan(teacher, PruningPlan.from_dict(res.plans[0]), x, space=sp)
                     scores = [s for s, _ in res.evaluated[0]]

@@ -246,9 +246,10 @@ def _set_count(genes: list, want: int, rank: np.ndarray) -> list:
 
 # ---------------------------------------------------------------------------------------------------- initialisation
 def init_importance(icls, layout: Layout, ranks: Sequence[np.ndarray], keep_range=(0.2, 1.0), noise: float = 0.02,
-                    spread: float = 0.0, scores: Sequence[np.ndarray] | None = None, p_global: float = 0.0):
-    """An individual seeded from importance; all connections active. Called N times it seeds a spread of keep
-    ratios and of layer-width allocations:
+                    spread: float = 0.0, scores: Sequence[np.ndarray] | None = None, p_global: float = 0.0,
+                    p_cut: float = 0.0):
+    """An individual seeded from importance; each connection unit cut with probability ``p_cut`` (default 0: all
+    active). Called N times it seeds a spread of keep ratios and of layer-width allocations:
 
     * a keep ratio ``r`` is drawn from ``keep_range``;
     * with probability ``p_global`` (needs raw ``scores``), channels are ranked ACROSS groups (each score divided by
@@ -277,6 +278,8 @@ def init_importance(icls, layout: Layout, ranks: Sequence[np.ndarray], keep_rang
     if noise:
         tools.mutFlipBit(ind, noise)
         ind[layout.n_neurons:] = [1] * layout.n_connections
+    if p_cut:
+        ind[layout.n_neurons:] = [int(random.random() >= p_cut) for _ in range(layout.n_connections)]
     return ind
 
 

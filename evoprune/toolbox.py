@@ -69,6 +69,7 @@ def register(toolbox: base.Toolbox, space: PruningSpace, evaluate: Callable, *, 
              params_budget: float | None = None, importance: dict | None = None, crossover: str = "paper",
              mutation: str = "mixed", indpb: float | None = None, conn_indpb: float | None = None,
              init: str = "importance", keep_range=(0.2, 1.0), init_spread: float = 0.3, init_global: float = 0.25,
+             init_cut: float = 0.0,
              fill: float | None = 0.98, latency=None, latency_budget: float | None = None,
              seed: int | None = None) -> base.Toolbox:
     """Register evoprune's chromosome types and operators on ``toolbox`` and return it.
@@ -82,7 +83,9 @@ def register(toolbox: base.Toolbox, space: PruningSpace, evaluate: Callable, *, 
     :func:`evoprune.importance.channel_importance`; without it the guided operators fall back to random ranks.
     ``init="importance"`` seeds individuals from importance at a spread of keep ratios, with per-group widths
     jittered by ``init_spread`` (log-normal) and a share ``init_global`` ranked across groups (torch-pruning's
-    global allocation), so that the first generation already holds different layer-width allocations.
+    global allocation), so that the first generation already holds different layer-width allocations; each of its
+    connection units is cut with probability ``init_cut`` (default 0; ``evoprune.search`` uses 0.2 for latency
+    targets, where depth cuts often buy the most).
     ``mutation``: ``"mixed"`` (the default: one group's width moves, then about ``indpb`` of every group's kept
     channels trade places with removed ones, uniformly; the repair rebalances the budget), ``"guided"``
     (importance-biased flips), ``"swap"``, ``"width"`` or ``"bitflip"`` (the paper's, ``tools.mutFlipBit``).
@@ -125,6 +128,7 @@ def register(toolbox: base.Toolbox, space: PruningSpace, evaluate: Callable, *, 
     conn_indpb = conn_indpb if conn_indpb is not None else (1.0 / layout.n_connections if layout.n_connections else 0)
     ops.check_probability("indpb", indpb)
     ops.check_probability("conn_indpb", conn_indpb)
+    ops.check_probability("init_cut", init_cut)
     if seed is not None:
         random.seed(seed)
         np.random.seed(seed % 2**32)
@@ -132,7 +136,7 @@ def register(toolbox: base.Toolbox, space: PruningSpace, evaluate: Callable, *, 
     if init == "importance":
         toolbox.register("individual", ops.init_importance, individual_cls, layout, ranks, keep_range,
                          spread=init_spread, scores=[np.asarray(importance[g.name]) for g in space.groups],
-                         p_global=init_global)
+                         p_global=init_global, p_cut=init_cut)
     else:
         toolbox.register("individual", ops.init_random, individual_cls, layout, keep_range)
     fill = fill if objective == "budget" else None

@@ -165,9 +165,19 @@ def test_search_with_a_latency_target_meets_it_and_reports_measured_latency(trai
     assert all(r["predicted_ms"] <= r["budget"] * 1.0001 for r in res.rows)
     assert res.rows[-1]["budget"] == pytest.approx(0.5 * full)
     assert res.rows[-1]["macs"] < res.baseline["macs"]
-    assert "best_ms" in res.logbook.header and "latency (ms, batch 1)" in res.table()
+    step = lat.kernel_step()
+    first = PruningSpace.from_model(model, x[:1])
+    for name, kept in res.plans[0]["groups"].items():  # snapped: widths the CPU's kernels like
+        assert len(kept) % step == 0 or len(kept) == first.group(name).size, (name, len(kept))
+    assert {"best_ms", "min_ms", "best_mmacs"} <= set(res.logbook.header) and "latency (ms, batch 1)" in res.table()
+    assert all(0 < rec["best_mmacs"] <= res.baseline["macs"] / 1e6 for rec in res.logbook)
     # every evaluated cost is a predicted latency in ms, not a MAC count
     assert all(0 < c < 10 * res.baseline["latency_ms"] for s, c in res.evaluated[0])
+    from evoprune.report import pareto_axes
+    ax = pareto_axes(res)
+    assert ax.get_xlabel().startswith("predicted latency (ms")
+    xs = [x for coll in ax.collections for x, _ in coll.get_offsets()]
+    assert xs and max(xs) < 10 * res.baseline["latency_ms"]  # plotted in ms, not MMACs
 
 
 def test_a_deap_user_gets_latency_as_an_objective(table):
@@ -229,3 +239,11 @@ def test_bad_latency_flags_exit_2_naming_the_flag(imagefolder, tmp_path, capsys,
 @pytest.fixture(scope="module")
 def imagefolder(tmp_path_factory, write_imagefolder):
     return write_imagefolder(tmp_path_factory.mktemp("imagefolder"), 120, 60, classes=4, size=16)
+
+
+def test_latency_search_without_snapping_warns_that_predictions_assume_snapped_widths(tmp_path):
+    x, y = torch.randn(20, 3, 32, 32), torch.randint(0, 10, (20,))
+    with pytest.warns(LatencyWarning, match="snap=False: widths off multiples of"), \
+            pytest.raises(ConfigError, match="below what the smallest legal plan"):
+        search(net(), X, x, y, target_kind="latency", target=1e-5, snap=False, fitness=_no_recal(), verbose=False,
+               latency_cache=str(tmp_path))
