@@ -247,9 +247,10 @@ def _set_count(genes: list, want: int, rank: np.ndarray) -> list:
 # ---------------------------------------------------------------------------------------------------- initialisation
 def init_importance(icls, layout: Layout, ranks: Sequence[np.ndarray], keep_range=(0.2, 1.0), noise: float = 0.02,
                     spread: float = 0.0, scores: Sequence[np.ndarray] | None = None, p_global: float = 0.0,
-                    p_cut: float = 0.0):
-    """An individual seeded from importance; each connection unit cut with probability ``p_cut`` (default 0: all
-    active). Called N times it seeds a spread of keep ratios and of layer-width allocations:
+                    p_cut: float | Sequence[float] = 0.0):
+    """An individual seeded from importance; each connection unit cut with probability ``p_cut`` (one for all units,
+    or one per unit; default 0: all active). Called N times it seeds a spread of keep ratios and of layer-width
+    allocations:
 
     * a keep ratio ``r`` is drawn from ``keep_range``;
     * with probability ``p_global`` (needs raw ``scores``), channels are ranked ACROSS groups (each score divided by
@@ -278,8 +279,9 @@ def init_importance(icls, layout: Layout, ranks: Sequence[np.ndarray], keep_rang
     if noise:
         tools.mutFlipBit(ind, noise)
         ind[layout.n_neurons:] = [1] * layout.n_connections
-    if p_cut:
-        ind[layout.n_neurons:] = [int(random.random() >= p_cut) for _ in range(layout.n_connections)]
+    probs = [p_cut] * layout.n_connections if isinstance(p_cut, (int, float)) else list(p_cut)
+    if any(probs):
+        ind[layout.n_neurons:] = [int(not p or random.random() >= p) for p in probs]
     return ind
 
 

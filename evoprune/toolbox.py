@@ -84,8 +84,9 @@ def register(toolbox: base.Toolbox, space: PruningSpace, evaluate: Callable, *, 
     ``init="importance"`` seeds individuals from importance at a spread of keep ratios, with per-group widths
     jittered by ``init_spread`` (log-normal) and a share ``init_global`` ranked across groups (torch-pruning's
     global allocation), so that the first generation already holds different layer-width allocations; each of its
-    connection units is cut with probability ``init_cut`` (default 0; ``evoprune.search`` uses 0.2 for latency
-    targets, where depth cuts often buy the most).
+    residual units is cut with probability ``init_cut`` (default 0; ``evoprune.search`` uses 0.2 for latency
+    targets, where depth cuts often buy the most). Sequential units (plain conv runs) start uncut: such a cut
+    collapses accuracy until the network is fine-tuned, so seeding them wastes evaluations; mutation still cuts them.
     ``mutation``: ``"mixed"`` (the default: one group's width moves, then about ``indpb`` of every group's kept
     channels trade places with removed ones, uniformly; the repair rebalances the budget), ``"guided"``
     (importance-biased flips), ``"swap"``, ``"width"`` or ``"bitflip"`` (the paper's, ``tools.mutFlipBit``).
@@ -136,7 +137,8 @@ def register(toolbox: base.Toolbox, space: PruningSpace, evaluate: Callable, *, 
     if init == "importance":
         toolbox.register("individual", ops.init_importance, individual_cls, layout, ranks, keep_range,
                          spread=init_spread, scores=[np.asarray(importance[g.name]) for g in space.groups],
-                         p_global=init_global, p_cut=init_cut)
+                         p_global=init_global,
+                         p_cut=[init_cut if u.kind == "residual" else 0.0 for u in space.units])
     else:
         toolbox.register("individual", ops.init_random, individual_cls, layout, keep_range)
     fill = fill if objective == "budget" else None

@@ -276,3 +276,40 @@ def test_importance_init_spreads_layer_allocations_and_can_rank_globally(setup):
     # per-group normalisation: the x10 scale of group 0 does not make it keep everything
     assert counts[0] < space.groups[0].size
     assert abs(sum(counts) / space.layout.n_neurons - 0.5) < 0.1
+
+
+def test_init_cut_seeds_connection_cuts_at_its_rate(setup):
+    model, x, space, ranks = setup
+    assert space.units
+    _, icls = creator_types()
+    random.seed(0)
+    none = [ops.init_importance(icls, space.layout, ranks) for _ in range(200)]
+    half = [ops.init_importance(icls, space.layout, ranks, p_cut=0.5) for _ in range(200)]
+    conn = space.layout.connection_slice
+    assert all(all(ind[conn]) for ind in none)  # the default cuts nothing
+    share = np.mean([1 - g for ind in half for g in ind[conn]])
+    assert 0.4 < share < 0.6, share
+    mixed = PruningSpace.from_model(ResidualNet().eval(), torch.randn(1, 3, 8, 8))
+    kinds = [u.kind for u in mixed.units]
+    assert "residual" in kinds and "sequential" in kinds, kinds
+    tb = register(base.Toolbox(), mixed, lambda ind: (0.0, 0.0), objective="nsga2", init_cut=1.0, seed=0)
+    for ind in tb.population(5):  # the toolbox seeds cuts in residual units only; plain conv runs start uncut
+        assert [not g for g in ind[mixed.layout.connection_slice]] == [k == "residual" for k in kinds]
+    with pytest.raises(ConfigError, match="init_cut must be a probability"):
+        register(base.Toolbox(), space, lambda ind: (0.0, 0.0), objective="nsga2", init_cut=1.5)
+
+
+class ResidualNet(nn.Module):
+    """A plain conv run (a sequential unit) followed by one identity-shortcut block (a residual unit)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head(torch.relu(x + self.body(x)))
