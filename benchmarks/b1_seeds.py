@@ -248,6 +248,20 @@ def main():
     log(f"done in {time.perf_counter() - t_start:.0f} s -> {out}")
 
 
+def paired_cell(base_rows, rows, regime: str, base: str) -> str:
+    """``base`` minus the method of ``rows`` in pp, paired by seed and image, with its bootstrap 95 % CI and a
+    verdict ("better"/"worse" only where the CI excludes 0); "-" without common seeds."""
+    ref = {r["seed"]: unbits(r[f"correct_{regime}"]) for r in base_rows}
+    common = [r for r in rows if r["seed"] in ref]
+    if not common:
+        return "-"
+    a = np.stack([ref[r["seed"]] for r in common])
+    b = np.stack([unbits(r[f"correct_{regime}"]) for r in common])
+    mean, lo, hi = bootstrap_diff(a, b)
+    verdict = f"{base} better" if lo > 0 else (f"{base} worse" if hi < 0 else "no difference shown")
+    return f"{100 * mean:+.2f} pp [{100 * lo:+.2f}, {100 * hi:+.2f}] ({verdict})"
+
+
 def render(results, base: str = "ga") -> str:
     """Mean +- sd per method and regime, and the paired bootstrap CI of ``base`` minus each other method."""
     rows = results["rows"]
@@ -261,19 +275,12 @@ def render(results, base: str = "ga") -> str:
             lines += [f"### {frac:.0%} MACs, {'BN re-calibration only' if regime == 'calib' else 'after fine-tuning'}",
                       "", f"| method | seeds | MACs % | params (M) | top-1 (mean ± sd) | {base} minus method [95 % CI] |",
                       "|---|---|---|---|---|---|"]
-            ga = {r["seed"]: unbits(r[f"correct_{regime}"]) for r in sub if r["method"] == base}
+            base_rows = [r for r in sub if r["method"] == base]
             for m in methods:
                 mr = sorted((r for r in sub if r["method"] == m), key=lambda r: r["seed"])
                 vals = [r[f"top1_{regime}"] for r in mr]
                 sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-                cell = "-"
-                common = [r["seed"] for r in mr if r["seed"] in ga]
-                if m != base and common:
-                    a = np.stack([ga[s] for s in common])
-                    b = np.stack([unbits(r[f"correct_{regime}"]) for r in mr if r["seed"] in ga])
-                    mean, lo, hi = bootstrap_diff(a, b)
-                    verdict = f"{base} better" if lo > 0 else (f"{base} worse" if hi < 0 else "no difference shown")
-                    cell = f"{100 * mean:+.2f} pp [{100 * lo:+.2f}, {100 * hi:+.2f}] ({verdict})"
+                cell = "-" if m == base else paired_cell(base_rows, mr, regime, base)
                 lines.append(f"| {m} | {len(vals)} | {statistics.mean(r['macs_pct'] for r in mr):.1f} | "
                              f"{statistics.mean(r['params'] for r in mr) / 1e6:.2f} | "
                              f"{100 * statistics.mean(vals):.2f} ± {100 * sd:.2f} | {cell} |")

@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from b1_seeds import WEIGHTS, bits, bootstrap_diff, classifier_of, correctness, log, setup, unbits  # noqa: E402
+from b1_seeds import WEIGHTS, bits, classifier_of, correctness, log, paired_cell, setup  # noqa: E402
 from evoprune import PruningPlan, PruningSpace, apply_plan, search  # noqa: E402
 from evoprune.fitness import FitnessConfig, recalibrate_bn  # noqa: E402
 from evoprune.latency import LatencyTable, kernel_step, measure  # noqa: E402
@@ -242,22 +242,29 @@ def main():
                     f"{row['macs_pct']:5.1f}% calib {row['top1_calib']:.4f}"
                     + (f" ft {row['top1_ft']:.4f}" if "top1_ft" in row else "")
                     + (f" near-chance {row['near_chance']:.0%}" if "near_chance" in row else ""))
-    text = render(results)
+    text = render(results) + "\n" + cross_budget(results)
     write_text(out.with_suffix(".md"), text)
     print(text)
     log(f"done in {time.perf_counter() - t_start:.0f} s -> {out}")
 
 
-def _ci(a_rows, b_rows, regime):
-    ga = {r["seed"]: unbits(r[f"correct_{regime}"]) for r in a_rows}
-    common = [r for r in b_rows if r["seed"] in ga]
-    if not common:
-        return "-"
-    a = np.stack([ga[r["seed"]] for r in common])
-    b = np.stack([unbits(r[f"correct_{regime}"]) for r in common])
-    mean, lo, hi = bootstrap_diff(a, b)
-    verdict = "ga-latency better" if lo > 0 else ("ga-latency worse" if hi < 0 else "no difference shown")
-    return f"{100 * mean:+.2f} pp [{100 * lo:+.2f}, {100 * hi:+.2f}] ({verdict})"
+def cross_budget(results, regime: str = "ft") -> str:
+    """Equal top-1 at lower latency: ga-latency at budget b against each other method at budget a (paired by seed
+    and image), with the ratio of their measured latencies."""
+    rows = [r for r in results["rows"] if f"correct_{regime}" in r]
+    ga = [r for r in rows if r["budget"] == "b" and r["method"] == "ga-latency"]
+    if not ga:
+        return ""
+    lines = [f"### ga-latency at budget b against the others at budget a ({'after fine-tuning' if regime == 'ft' else 'calib'})",
+             "", "| method at budget a | its ms / ga-latency's ms | ga-latency (b) minus method (a) [95 % CI] |",
+             "|---|---|---|"]
+    ga_ms = statistics.mean(r["ms"] for r in ga)
+    for m in METHODS:
+        other = [r for r in rows if r["budget"] == "a" and r["method"] == m]
+        if other:
+            ratio = statistics.mean(r["ms"] for r in other) / ga_ms
+            lines.append(f"| {m} | {ratio:.2f}x | {paired_cell(ga, other, regime, 'ga-latency (b)')} |")
+    return "\n".join(lines) + "\n"
 
 
 def _ms(vals, digits=3):
@@ -284,7 +291,8 @@ def render(results) -> str:
                       "| method | seeds | measured ms | MACs % | params (M) | top-1 (mean ± sd) | near-chance evals | "
                       "ga-latency minus method [95 % CI] |", "|---|---|---|---|---|---|---|---|"]
             base = [r for r in sub if r["method"] == "ga-latency"]
-            for m in dict.fromkeys(r["method"] for r in sub):
+            order = {m: i for i, m in enumerate(METHODS)}
+            for m in sorted(dict.fromkeys(r["method"] for r in sub), key=lambda m: order.get(m, len(order))):
                 mr = sorted((r for r in sub if r["method"] == m), key=lambda r: r["seed"])
                 vals = [100 * r[f"top1_{regime}"] for r in mr]
                 nc = [r["near_chance"] for r in mr if "near_chance" in r]
@@ -292,7 +300,7 @@ def render(results) -> str:
                              f"{statistics.mean(r['macs_pct'] for r in mr):.1f} | "
                              f"{statistics.mean(r['params'] for r in mr) / 1e6:.2f} | {_ms(vals, 2)} | "
                              f"{f'{statistics.mean(nc):.0%}' if nc else '-'} | "
-                             f"{'-' if m == 'ga-latency' else _ci(base, mr, regime)} |")
+                             f"{'-' if m == 'ga-latency' else paired_cell(base, mr, regime, 'ga-latency')} |")
             lines.append("")
     return "\n".join(lines)
 
