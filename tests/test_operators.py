@@ -299,6 +299,18 @@ def test_init_cut_seeds_connection_cuts_at_its_rate(setup):
         register(base.Toolbox(), space, lambda ind: (0.0, 0.0), objective="nsga2", init_cut=1.5)
 
 
+class Block(nn.Module):
+    """conv-BN-ReLU-conv-BN plus an identity shortcut: a residual unit."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(),
+                                  nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return torch.relu(x + self.body(x))
+
+
 class ResidualNet(nn.Module):
     """A plain conv run (a sequential unit) followed by one identity-shortcut block (a residual unit)."""
 
@@ -306,10 +318,8 @@ class ResidualNet(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                                   nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.body = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                                  nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.block = Block(8)
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
 
     def forward(self, x):
-        x = self.stem(x)
-        return self.head(torch.relu(x + self.body(x)))
+        return self.head(self.block(self.stem(x)))
