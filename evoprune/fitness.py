@@ -192,7 +192,9 @@ class _Worker:
         try:
             plan = self.space.decode(individual)
             macs, _ = self.space.cost(plan, validate=False)
-            cost = macs if self.latency is None else self.latency.predict_genes(individual)
+            layout = self.space.layout  # genes already checked by decode
+            cost = macs if self.latency is None else \
+                self.latency.predict_counts(layout.kept_counts(individual), layout.active_connections(individual))
             score, loss = self._score_plan(plan, macs)
             if not math.isfinite(loss):
                 raise EvaluationError(f"the scoring loss is {loss}")

@@ -13,6 +13,8 @@ elsewhere is not used, and the warning says why.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -142,10 +144,14 @@ class _Layer:
     grid_out: list[int]
     ms: list[list[float]]  # ms[i][j]: time at grid_in[i] -> grid_out[j]
 
+    @functools.cached_property
+    def _arrays(self):  # the grids as arrays, made once (predict runs inside every repair step)
+        return np.asarray(self.grid_in, float), np.asarray(self.grid_out, float), np.asarray(self.ms, float)
+
     def predict(self, cin: int, cout: int) -> float:
-        ms = np.asarray(self.ms)
-        row = [np.interp(cout, self.grid_out, ms[i]) for i in range(len(self.grid_in))]
-        return float(np.interp(cin, self.grid_in, row))
+        gin, gout, ms = self._arrays
+        row = [np.interp(cout, gout, r) for r in ms]
+        return float(np.interp(cin, gin, row))
 
 
 class LatencyTable:
@@ -291,7 +297,7 @@ class LatencyTable:
     # --------------------------------------------------------------- cache
     def to_dict(self) -> dict:
         return {"key": self.key, "fit": list(self.fit), "calibration": self.calibration, "build_s": self.build_s,
-                "layers": [vars(layer) for layer in self.layers]}
+                "layers": [dataclasses.asdict(layer) for layer in self.layers]}
 
     def save(self, path: str | os.PathLike) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
