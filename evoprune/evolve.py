@@ -276,8 +276,11 @@ def search(model: nn.Module, example_inputs: torch.Tensor, score_x: torch.Tensor
             status(f"evoprune: resumed from {checkpoint_dir} at round {start_round}, generation "
                    f"{resume_gen + 1 if resume_gen is not None else 0}")
 
-    total = {"macs": baseline["macs"], "params": baseline["params"]}.get(config.target_kind) or table0.base_ms
-    target = config.target / total if timed else config.target
+    if timed:  # the budget falls from the measured latency to the target in ms
+        total = table0.base_ms
+        target = config.target / total
+    else:  # from the original MACs/params to the target fraction of them
+        total, target = baseline[config.target_kind], config.target
     ref_score = reference_score(fitness.metric, _num_classes(original, example_inputs, score_y))
     for k in range(start_round, config.rounds + 1):
         t0 = time.perf_counter()

@@ -109,8 +109,8 @@ class Evaluator:
         if config.bn_recalibration and not recal_x:
             raise ConfigError("BN re-calibration is on but no recal_x batches were given (pass training batches, "
                               "or set bn_recalibration=False)")
-        if latency is not None and latency.space.fingerprint != space.fingerprint:
-            raise ConfigError("the latency table was measured for another pruning space; measure it for this one")
+        if latency is not None:
+            latency.check_space(space)
         check_finite(model)
         self.token = f"evoprune_{uuid.uuid4().hex}"
         self.config = config

@@ -156,7 +156,7 @@ class _Layer:
 
 class LatencyTable:
     """Predicted end-to-end latency (ms) of any plan of one pruning space on one runtime. Build it with
-    :meth:`measure` (or :meth:`load` a cached one); ``predict(plan)`` and ``predict_genes(individual)`` answer
+    :meth:`measure` (which loads a cached one when it can); ``predict(plan)`` and ``predict_genes(individual)`` answer
     without running a model."""
 
     def __init__(self, space: PruningSpace, layers: list[_Layer], fit: list[list[float]], key: dict,
@@ -230,6 +230,11 @@ class LatencyTable:
         counts = [min(least, g.size) for g in self.space.groups]
         return self.predict_counts(counts, [False] * len(self.space.units))
 
+    def check_space(self, space: PruningSpace) -> None:
+        """Raise :class:`ConfigError` unless this table was measured for ``space`` (same fingerprint)."""
+        if self.space.fingerprint != space.fingerprint:
+            raise ConfigError("the latency table was measured for another pruning space; measure it for this one")
+
     def check_budget(self, budget_ms: float, *, setting: str = "target_latency_ms") -> None:
         """Raise :class:`ConfigError` if no legal plan can reach ``budget_ms``, giving the minimum."""
         low = self.min_ms()
@@ -302,15 +307,6 @@ class LatencyTable:
     def save(self, path: str | os.PathLike) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         write_json(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, space: PruningSpace) -> "LatencyTable":
-        """A saved table for ``space``, whatever machine measured it (check ``table.key``)."""
-        data = json.loads(Path(path).read_text())
-        if data.get("key", {}).get("space") != space.fingerprint:
-            raise ConfigError(f"{path} was measured for another pruning space ({data.get('key', {}).get('space')}, "
-                              f"this one is {space.fingerprint})")
-        return cls._from_dict(data, space)
 
     @classmethod
     def _from_dict(cls, data: dict, space: PruningSpace) -> "LatencyTable":

@@ -115,9 +115,6 @@ class Timing:
     spread: float
     repeats: int
 
-    def to_dict(self) -> dict:
-        return {"median_ms": self.median_ms, "spread": self.spread, "repeats": self.repeats}
-
 
 def time_call(run: Callable[[], object], *, warmup: int = 3, repeats: int = 15, max_repeats: int = 120,
               max_spread: float = 0.15, sample_ms: float = 2.0, warmup_s: float = 0.1,

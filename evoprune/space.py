@@ -291,15 +291,17 @@ class PruningSpace:
     @property
     def cost_model(self) -> CostModel:
         """The analytic shape table (every counted call's input/output dims as a function of removed channels)."""
+        self._need_cost()
+        return self._cost
+
+    def _need_cost(self) -> None:
         if self._cost is None:
             raise ModelError("this space was built with with_cost=False; rebuild it to compute costs")
-        return self._cost
 
     def removed_and_alive(self, counts: Sequence[int], active: Sequence[bool]):
         """``(removed channels per group, alive(module_name))`` for kept ``counts`` and active unit flags, after
         cut sequential units hand their input width on: what every shape of the pruned model depends on."""
-        if self._cost is None:
-            raise ModelError("this space was built with with_cost=False; rebuild it to compute costs")
+        self._need_cost()
         counts = list(int(c) for c in counts)
         cut = _outermost([u for u, a in zip(self.units, active) if not a])
         for u in cut:

@@ -118,8 +118,8 @@ def register(toolbox: base.Toolbox, space: PruningSpace, evaluate: Callable, *, 
         raise ConfigError(f"importance has no scores for group(s) {', '.join(missing)}")
     if latency_budget is not None and latency is None:
         raise ConfigError("latency_budget needs latency=LatencyTable.measure(model, space, example_inputs)")
-    if latency is not None and latency.space.fingerprint != space.fingerprint:
-        raise ConfigError("latency was measured for another pruning space; measure it for this one")
+    if latency is not None:
+        latency.check_space(space)
     if objective == "budget" and macs_budget is None and params_budget is None and latency_budget is None:
         raise ConfigError("objective='budget' (the default) needs macs_budget, params_budget or latency_budget, e.g. "
                           "macs_budget=0.25 * space.base_macs; or pass objective='nsga2' for a Pareto front")
