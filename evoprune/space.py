@@ -49,6 +49,16 @@ class Consumer:
 
 
 @dataclass(frozen=True)
+class Producer:
+    """A module whose OUTPUT channels belong to a group (a conv, linear or norm): root channel ``root_idxs[k]`` is
+    its output index ``idxs[k]``. Slicing keeps those outputs."""
+
+    module: str
+    root_idxs: tuple[int, ...]
+    idxs: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class ChannelGroup:
     """Coupled channels that are kept or removed together; one gene per channel."""
 
@@ -56,6 +66,7 @@ class ChannelGroup:
     size: int
     members: tuple[str, ...]  # modules whose OUTPUT channels belong to the group, in network order
     consumers: tuple[Consumer, ...]
+    producers: tuple[Producer, ...] = ()  # the members' output index maps (one per out-channel dependency)
 
 
 @dataclass(frozen=True)
@@ -402,7 +413,7 @@ def _discover_groups(traced, work, wnames, order, ignored_names, output_producer
     groups, roots, hit, left_out = [], {}, {}, []
     ignored = [dict(work.named_modules())[n] for n in ignored_names]
     for grp in dg.get_all_groups(ignored_layers=ignored, root_module_types=(nn.modules.conv._ConvNd, nn.Linear)):
-        usable, members, consumers = True, [], []
+        usable, members, consumers, producers = True, [], [], []
         for item in grp:
             dep, idxs = item.dep, item.idxs
             target = dep.target
@@ -417,6 +428,7 @@ def _discover_groups(traced, work, wnames, order, ignored_names, output_producer
             name = wnames[mod]
             if dg.is_out_channel_pruning_fn(dep.handler):
                 members.append(name)
+                producers.append(Producer(name, tuple(int(i) for i in item.root_idxs), tuple(int(i) for i in idxs)))
             if dg.is_in_channel_pruning_fn(dep.handler) and isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)):
                 dim = 1 if isinstance(mod, nn.modules.conv._ConvNd) else -1
                 width = mod.in_channels if dim == 1 else mod.in_features
@@ -435,7 +447,7 @@ def _discover_groups(traced, work, wnames, order, ignored_names, output_producer
             left_out.extend(m for m in members if isinstance(work.get_submodule(m), (nn.modules.conv._ConvNd,
                                                                                       nn.Linear)))
             continue
-        groups.append(ChannelGroup(root, int(size), tuple(members), tuple(consumers)))
+        groups.append(ChannelGroup(root, int(size), tuple(members), tuple(consumers), tuple(producers)))
         roots[root] = dict(work.named_modules())[root]
     groups.sort(key=lambda g: order[g.name])
     return groups, roots, (list(hit.values()), sorted(set(left_out), key=order.get)) if left_out else None
