@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from evoprune import PruningPlan, PruningSpace, apply_plan  # noqa: E402
 from evoprune import operators as ops  # noqa: E402
-from evoprune.data import load_cifar10, normalize  # noqa: E402
+from evoprune.data import load_images, normalize  # noqa: E402
 from evoprune.fitness import FitnessConfig, recalibrate_bn  # noqa: E402
 from evoprune.importance import channel_importance, ranks as to_ranks  # noqa: E402
 from evoprune.models import load_weights, vgg16_bn_cifar  # noqa: E402
@@ -152,7 +152,7 @@ def main():
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"b1_equal_macs{'_quick' if quick else ''}.json")
 
     t_start = time.perf_counter()
-    data = load_cifar10(args.data)
+    data = load_images(args.data)
     search_set, report_set = data.val.stratified_split(0.5, seed=args.seed)
     score_set = search_set.stratified_sample(args.score_samples, seed=args.seed)
     sx, sy = normalize(score_set.images), score_set.labels

@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from evoprune import PruningPlan, PruningSpace, apply_plan, search  # noqa: E402
-from evoprune.data import batches, load_cifar10, normalize  # noqa: E402
+from evoprune.data import batches, load_images, normalize  # noqa: E402
 from evoprune.fitness import recalibrate_bn  # noqa: E402
 from evoprune.models import MODELS, load_weights  # noqa: E402
 from evoprune.storage import write_json, write_text  # noqa: E402
@@ -140,7 +140,7 @@ def bootstrap_diff(a: np.ndarray, b: np.ndarray, n: int = 2000, seed: int = 0) -
 def setup(args):
     """The data, the val-report half, the fitness subset (inputs, labels), the BN re-calibration batches and the
     teacher, from ``--data``, ``--score-samples``, ``--recal-batches`` and ``--arch``."""
-    data = load_cifar10(args.data)
+    data = load_images(args.data)
     search_set, report_set = data.val.stratified_split(0.5, seed=0)
     score_set = search_set.stratified_sample(args.score_samples, seed=0)
     recal_sample = data.train.stratified_sample(args.recal_batches * 64, seed=1)

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from evoprune import job  # noqa: E402
-from evoprune.data import load_cifar10  # noqa: E402
+from evoprune.data import load_images  # noqa: E402
 from evoprune.models import load_weights, vgg16_bn_cifar  # noqa: E402
 from evoprune.storage import write_json  # noqa: E402
 
@@ -53,7 +53,7 @@ def main():
                           finetune_epochs=0.1 if args.quick else 1.0, score_samples=500 if args.quick else 1000,
                           recal_batches=5 if args.quick else 20, seed=0)
     t0 = time.perf_counter()
-    data = load_cifar10(args.data)
+    data = load_images(args.data)
     teacher = load_weights(vgg16_bn_cifar(), args.weights).eval()
     result = job.run(teacher, data, out_dir, opts, title="B2: the paper's protocol on VGG16-BN")
     convs = [name for name in result.widths[0] if name.startswith("features.")]

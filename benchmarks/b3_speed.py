@@ -2,6 +2,11 @@
 
     python benchmarks/b3_speed.py --quick     # ~10 minutes on 2 CPU cores
     python benchmarks/b3_speed.py
+    python benchmarks/b3_speed.py --quick --parts hot,rounds --against 4544bea   # this tree vs an older commit
+
+``--against REF`` runs the version-neutral jobs (benchmarks/jobs/hot_path.py: fitness calls at 25 % of the MACs
+and the GA's overhead per evaluation; benchmarks/jobs/rss_rounds.py: RSS after each round of a 5-round search,
+serially and under ``python -m scoop -n 2``) on this tree and on ``git archive REF``, alternating, in one run.
 
 Model: the VGG16-BN CIFAR layout (random weights are enough for timing; the shared teacher is used when present).
 Plans keep the top-L1 fraction of every group (1.0, 0.5, 0.25). Every timing is the median of repeated runs with
@@ -232,13 +237,97 @@ def peak_rss_of_search():
     return {"tiny_search_job_MiB": kib / 1024}
 
 
+def _job(script, tree, *, scoop=False, args=()):
+    """Run a benchmarks/jobs script against the evoprune of ``tree``; its ``name: {json}`` line, parsed."""
+    cmd = [sys.executable] + (["-m", "scoop", "-n", "2"] if scoop else []) + [str(ROOT / "benchmarks" / "jobs" /
+                                                                             script), *args]
+    r = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(tree)), capture_output=True, text=True,
+                       cwd=tree)
+    tag = script.removesuffix(".py") + ": "
+    line = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith(tag)]
+    if r.returncode != 0 or not line:  # python -m scoop exits 0 when the script fails: trust the line only
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{(r.stdout + r.stderr)[-3000:]}")
+    return json.loads(line[0][len(tag):])
+
+
+def _median_of(runs, path):
+    vals = []
+    for run in runs:
+        v = run
+        for key in path:
+            v = v[key]
+        vals.append(v)
+    return statistics.median(vals)
+
+
+def hot_path_compare(trees, repeat, n_runs):
+    """Fitness calls at 25 % MACs and GA overhead, each tree ``n_runs`` times, alternating."""
+    runs = {name: [] for name in trees}
+    for i in range(n_runs):
+        for name, tree in trees.items():
+            runs[name].append(_job("hot_path.py", tree, args=("--repeat", str(repeat))))
+            log(f"hot path run {i + 1}/{n_runs} on {name}: {runs[name][-1]['fitness_25pct_macs']}")
+    out = {"runs": runs}
+    for name in trees:
+        o = {k: _median_of(runs[name], ("overhead", k)) for k in runs[name][0]["overhead"] if k != "surgery_kind"}
+        ga = o["vary_per_child"] + o["decode"] + o["analytic_cost"]
+        fwd = o["forward_channels_last"] if runs[name][0]["overhead"]["surgery_kind"] == "slice_plan" \
+            else o["forward_contiguous"]  # the forward each version's fitness path runs
+        out[name] = {"fitness_25pct_macs": {m: _median_of(runs[name], ("fitness_25pct_macs", m))
+                                            for m in runs[name][0]["fitness_25pct_macs"]},
+                     "overhead": o, "surgery_kind": runs[name][0]["overhead"]["surgery_kind"],
+                     "overhead_fraction_masked": (ga + o["mask_setup"]) / fwd,
+                     "overhead_fraction_physical": (ga + o["surgery"]) / fwd}
+    if "before" in trees:
+        out["fitness_speedup"] = {m: out["before"]["fitness_25pct_macs"][m] / out["after"]["fitness_25pct_macs"][m]
+                                  for m in out["after"]["fitness_25pct_macs"]}
+        log(f"fitness call at 25 % MACs, before / after: {out['fitness_speedup']}")
+    return out
+
+
+def rss_rounds_compare(trees):
+    """RSS after rounds 1..5 of a small VGG16 search, serial and under scoop -n 2, on each tree."""
+    out = {}
+    for name, tree in trees.items():
+        for mode in ("serial", "scoop_2_workers"):
+            rows = _job("rss_rounds.py", tree, scoop=mode != "serial")
+            main = [r["main"] for r in rows]
+            workers = [max(w.get("VmRSS", 0) for w in r["workers"].values()) for r in rows]
+            peak_workers = [max(w.get("VmHWM", 0) for w in r["workers"].values()) for r in rows]
+            out[f"{name}/{mode}"] = {
+                "rows": rows, "main_hwm_MiB": [m.get("VmHWM") for m in main],
+                "main_rss_MiB": [m.get("VmRSS") for m in main], "worker_rss_max_MiB": workers,
+                "worker_hwm_max_MiB": peak_workers,
+                "growth_round5_over_round1": {
+                    "main_hwm": main[-1]["VmHWM"] / main[0]["VmHWM"],
+                    "worker_hwm": peak_workers[-1] / peak_workers[0],
+                    "worker_rss": workers[-1] / workers[0]}}
+            log(f"RSS {name} {mode}: main HWM {out[f'{name}/{mode}']['main_hwm_MiB']}, worker HWM {peak_workers}")
+    return out
+
+
+def _trees(against):
+    """``{"after": this tree}``, plus ``{"before": an extracted copy of commit ``against``}``."""
+    trees = {"after": ROOT}
+    if against:
+        d = Path(tempfile.mkdtemp(prefix="b3-before-"))
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", against], capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(d)], input=archive.stdout, check=True)
+        (d / "benchmarks" / "jobs").mkdir(parents=True, exist_ok=True)
+        trees = {"before": d, "after": ROOT}
+    return trees
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None)
     p.add_argument("--parts", default="fitness,overhead,latency,scoop,rss",
-                   help="comma-separated subset to (re)measure; other parts already in --out are kept")
+                   help="comma-separated subset to (re)measure (also: hot, rounds); other parts already in --out "
+                        "are kept")
+    p.add_argument("--against", default=None, metavar="REF",
+                   help="for the hot and rounds parts: also measure git commit REF, alternating with this tree")
     args = p.parse_args()
     parts = set(args.parts.split(","))
     torch.set_num_threads(args.threads)
@@ -265,8 +354,14 @@ def main():
              ("latency", lambda: latency(model, space, imp, x, repeat if not args.quick else 20)),
              ("scoop", lambda: scoop_speedup()), ("scoop_fitness_map", lambda: scoop_fitness_map()),
              ("peak_rss", lambda: peak_rss_of_search()))
+    trees = _trees(args.against) if parts & {"hot", "rounds"} else {}
+    steps += (("hot_path", lambda: hot_path_compare(trees, 5 if args.quick else 9, 3 if args.quick else 5)),
+              ("rounds_rss", lambda: rss_rounds_compare(trees)))
+    if args.against:
+        result["settings"]["against"] = args.against
     for key, measure in steps:
-        if key.split("_")[0] in parts or (key == "peak_rss" and "rss" in parts):
+        if key.split("_")[0] in parts or (key == "peak_rss" and "rss" in parts) or \
+                (key == "hot_path" and "hot" in parts) or (key == "rounds_rss" and "rounds" in parts):
             result[key] = measure()
             write_json(out, result)
     if "rss" in parts:

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from evoprune import PruningSpace, apply_plan  # noqa: E402
 from evoprune import operators as ops  # noqa: E402
-from evoprune.data import load_cifar10, normalize  # noqa: E402
+from evoprune.data import load_images, normalize  # noqa: E402
 from evoprune.fitness import Evaluator, FitnessConfig  # noqa: E402
 from evoprune.importance import channel_importance, ranks as to_ranks  # noqa: E402
 from evoprune.models import load_weights, vgg16_bn_cifar  # noqa: E402
@@ -51,7 +51,7 @@ def main():
     torch.set_num_threads(args.threads)
     n_plans, ft_batches, recal_batches = (8, 40, 20) if args.quick else (16, 150, 20)
     t0 = time.perf_counter()
-    data = load_cifar10(SHARED / "data" / "cifar10-jpeg-trainval.tar.gz")
+    data = load_images(SHARED / "data" / "cifar10-jpeg-trainval.tar.gz")
     search_set, report_set = data.val.stratified_split(0.5, seed=0)
     score = search_set.stratified_sample(500, seed=0)
     sx, sy = normalize(score.images), score.labels

@@ -1,25 +1,28 @@
 """evoprune: evolve which neurons and connections of a trained network to keep, then remove the rest for real.
 
-model -> :class:`PruningSpace` (what can be pruned) -> individuals (neuron + connection chromosomes) -> DEAP operators
--> :func:`register` (DEAP toolbox) -> :class:`Evaluator` (fitness) -> :func:`search` -> :func:`apply_plan` (torch-pruning surgery) -> :func:`export`.
+model -> :class:`PruningSpace` (what can be pruned: :mod:`~evoprune.discover`, :mod:`~evoprune.cost`) -> individuals
+(:mod:`~evoprune.genome`: neuron + connection chromosomes) -> DEAP operators (:mod:`~evoprune.operators`) ->
+:func:`register` (the DEAP toolbox) -> :class:`Evaluator` (fitness) -> :func:`search` (:class:`Search`'s steps) ->
+:func:`apply_plan` (torch-pruning surgery) -> :func:`export`.
 :mod:`evoprune.latency` (on :mod:`evoprune.runtime`) measures and predicts latency on the deployment runtime, for
 ``target_kind="latency"``.
 """
 from ._version import __version__
-from .errors import (CheckpointError, ConfigError, DataError, EvoPruneError, ModelError, PlanError,
+from .errors import (CheckpointError, ConfigError, DataError, EvaluationError, EvoPruneError, ModelError, PlanError,
                      UntraceableWarning)
-from .evolve import SearchConfig, SearchResult, search
+from .evolve import Round, Search, SearchConfig, SearchResult, search, vary
 from .export import export, model_card
 from .fitness import Evaluator, FitnessConfig
 from .genome import Layout
 from .plan import PruningPlan
 from .space import ChannelGroup, ConnectionUnit, PruningSpace
+from .slicing import slice_plan
 from .surgery import apply_plan, masked
 from .toolbox import register
 
 __all__ = [
     "__version__", "EvoPruneError", "PlanError", "ConfigError", "DataError", "ModelError", "CheckpointError",
-    "UntraceableWarning",
-    "PruningSpace", "ChannelGroup", "ConnectionUnit", "Layout", "PruningPlan", "apply_plan", "masked", "export",
-    "model_card", "register", "search", "SearchConfig", "SearchResult", "Evaluator", "FitnessConfig",
+    "UntraceableWarning", "EvaluationError",
+    "PruningSpace", "ChannelGroup", "ConnectionUnit", "Layout", "PruningPlan", "apply_plan", "slice_plan", "masked", "export",
+    "model_card", "register", "search", "Search", "Round", "vary", "SearchConfig", "SearchResult", "Evaluator", "FitnessConfig",
 ]

@@ -74,3 +74,34 @@ def load(directory: str | Path, *, fingerprint: str, settings: dict) -> dict | N
                               "use the same settings to resume, or another checkpoint dir (CLI: --no-resume starts "
                               "over, or a new --out)")
     return state
+
+
+def restore_population(saved, individual_cls):
+    """Individuals (of ``individual_cls``) with their fitnesses, from :func:`pack`."""
+    pop = []
+    for genes, values in saved:
+        ind = individual_cls(int(g) for g in genes)
+        ind.fitness.values = tuple(values)
+        pop.append(ind)
+    return pop
+
+
+def pack(individuals):
+    """Genes as uint8 tensors and fitness values: a population as a checkpoint holds it."""
+    if individuals is None:
+        return None
+    return [(torch.tensor(list(ind), dtype=torch.uint8), list(ind.fitness.values)) for ind in individuals]
+
+
+def save_search(directory, space0, settings, result, k, gen, pop, front, current, original):
+    """The search state after round ``k``, generation ``gen`` (None: the round is finished), into ``directory``."""
+    if not directory:
+        return
+    save(directory, {
+        "fingerprint": space0.fingerprint, "settings": settings, "round": k, "generation": gen,
+        "population": pack(pop), "front": pack(front),
+        "rows": result.rows, "plans": result.plans, "widths": result.widths, "evaluated": result.evaluated,
+        "pareto": result.pareto, "logbook": list(result.logbook),
+        "weights": None if current is original else current.state_dict(),
+        "rng": rng_state(),
+    })

@@ -3,10 +3,13 @@
 * **Faithful.** BatchNorm statistics are re-calibrated on a few fixed training batches before scoring (adaptive BN,
   as in EagleEye). Pruning shifts every downstream activation distribution, so without it the quick score ranks plans
   poorly.
-* **Fast.** Each plan is scored masked (no copy, full-size compute) or physically pruned (a copy, cheaper compute),
-  whichever is cheaper for its MACs; tensors stay in memory; genomes already seen are cached; inference mode.
+* **Fast.** Each plan is scored masked (no copy, full-size compute) or physically pruned (tensors sliced straight
+  from the space's index maps, :func:`evoprune.slicing.slice_plan`: no graph trace), whichever is cheaper for its
+  MACs; image models run channels-last; tensors stay in memory; the genes are checked and the plan validated once;
+  the last :data:`CACHE_SIZE` genomes are cached; inference mode.
 * **Parallel-friendly.** An :class:`Evaluator` pickles to a few hundred bytes: the model and tensors are published
-  once (``scoop.shared`` under SCOOP, a module-level registry otherwise) and every process loads them once.
+  once (``scoop.shared`` under SCOOP, a module-level registry otherwise) and every process loads them once, keeping
+  the :data:`MAX_WORKERS` newest evaluators' state (a search makes one per round), so memory stays flat over rounds.
 """
 from __future__ import annotations
 
@@ -17,17 +20,24 @@ import os
 import time
 import traceback
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from .errors import ConfigError, EvoPruneError, ModelError, PlanError
-from .space import PruningSpace, check_finite
-from .surgery import apply_plan, masked
+from .errors import ConfigError, EvaluationError, ModelError, PlanError
+from .genome import check_genes, decode
+from .models import check_finite
+from .parallel import fetch, forget_shared, publish, scoop_origin, under_scoop
+from .space import PruningSpace
+from .slicing import slice_plan
+from .surgery import masked
 
 _REGISTRY: dict[str, dict] = {}  # token -> payload, in this process
-_WORKERS: dict[str, "_Worker"] = {}  # token -> loaded state, in this process
+_WORKERS: "OrderedDict[str, _Worker]" = OrderedDict()  # token -> loaded state, in this process, newest last
+MAX_WORKERS = 2  # loaded fitness states a process keeps: this round's and the one before (one model each)
+CACHE_SIZE = 4096  # genomes whose fitness a process remembers (least recently used dropped first)
 
 
 WORST_SCORE = -math.inf
@@ -42,16 +52,6 @@ def reference_score(metric: str, num_classes: int) -> float:
     if metric == "loss":
         return -math.log(max(2, int(num_classes)))
     return 0.0
-
-
-class EvaluationError(EvoPruneError):
-    """A fitness call failed (or gave NaN). The message names the plan, the process and the traceback."""
-
-
-def under_scoop() -> bool:
-    """True when this program was launched with ``python -m scoop``."""
-    import scoop
-    return bool(getattr(scoop, "IS_RUNNING", False))
 
 
 @dataclass
@@ -118,9 +118,7 @@ class Evaluator:
         payload = {"model": copy.deepcopy(model).cpu().eval(), "space": space, "score_x": score_x, "score_y": score_y,
                    "recal_x": list(recal_x or []), "config": config, "latency": latency}
         _REGISTRY[self.token] = payload
-        if under_scoop():
-            from scoop import shared
-            shared.setConst(**{self.token: payload})
+        publish(self.token, payload)
 
     def __getstate__(self):
         return {"token": self.token, "config": self.config, "space": None}
@@ -136,21 +134,36 @@ class Evaluator:
         return _worker(self.token).score(model)[0]
 
     def release(self):
-        _REGISTRY.pop(self.token, None)
-        _WORKERS.pop(self.token, None)
+        """Free this evaluator's state in this process. Worker processes free theirs when they load a newer
+        evaluator's (they keep at most :data:`MAX_WORKERS`)."""
+        _forget(self.token)
+
+
+def _forget(token: str) -> None:
+    _REGISTRY.pop(token, None)
+    _WORKERS.pop(token, None)
+    forget_shared(token)
 
 
 def _worker(token: str) -> "_Worker":
     w = _WORKERS.get(token)
-    if w is None:
-        payload = _REGISTRY.get(token)
-        if payload is None and under_scoop():
-            from scoop import shared
-            payload = shared.getConst(token, timeout=300)
-        if payload is None:
-            raise EvaluationError(f"no fitness state for {token} in process {os.getpid()}: create the Evaluator in "
-                                  "the main program before mapping it")
-        w = _WORKERS[token] = _Worker(payload)
+    if w is not None:
+        _WORKERS.move_to_end(token)
+        return w
+    payload = _REGISTRY.get(token)
+    if payload is None:
+        payload = fetch(token)
+    if payload is None:
+        raise EvaluationError(f"no fitness state for {token} in process {os.getpid()}: create the Evaluator in "
+                              "the main program before mapping it, and do not map an evaluator after a newer one "
+                              f"has been mapped {MAX_WORKERS} times over (workers keep the {MAX_WORKERS} newest)")
+    w = _WORKERS[token] = _Worker(payload)
+    if token not in _REGISTRY:  # a worker process: the loaded state is all it needs
+        forget_shared(token)
+    while len(_WORKERS) > MAX_WORKERS:  # an older round's model and cache
+        old, _ = _WORKERS.popitem(last=False)
+        if old not in _REGISTRY:
+            forget_shared(old)
     return w
 
 
@@ -159,64 +172,76 @@ class _Worker:
 
     def __init__(self, payload):
         self.cfg: FitnessConfig = payload["config"]
-        import scoop
-        if under_scoop() and not getattr(scoop, "IS_ORIGIN", False):
+        if under_scoop() and not scoop_origin():
             torch.set_num_threads(self.cfg.threads or 1)
         elif self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
         self.device = torch.device(self.cfg.device)
-        self.model = payload["model"].to(self.device).eval()
         self.space: PruningSpace = payload["space"]
-        self.x = payload["score_x"].to(self.device)
+        # image models run faster channels-last (oneDNN's blocked kernels and max-pool on CPU): the same maths
+        self.memory_format = torch.channels_last if len(self.space.input_shape) == 4 else torch.contiguous_format
+        self.model = payload["model"].to(self.device, memory_format=self.memory_format).eval()
+        self.x = payload["score_x"].to(self.device).contiguous(memory_format=self.memory_format)
         self.y = payload["score_y"].to(self.device)
-        self.recal = [b.to(self.device) for b in payload["recal_x"]]
+        self.recal = [b.to(self.device).contiguous(memory_format=self.memory_format) for b in payload["recal_x"]]
         self.targets = None  # the unpruned model's soft targets on the recal batches, for finetune_steps
         self.example = self.x[:1]
         self.latency = payload.get("latency")
-        self.cache: dict[bytes, tuple[float, float]] = {}
+        self.cache: OrderedDict[bytes, tuple[float, float]] = OrderedDict()  # at most CACHE_SIZE, LRU
         self.calls = 0
         self.hits = 0
 
     def evaluate(self, individual) -> tuple[float, float]:
         try:
-            key = bytes(bytearray(individual))
-        except (ValueError, TypeError):
-            self.space.check_genes(individual)  # raises a PlanError that says what is wrong
-            raise
+            genes = check_genes(self.space, individual)  # once: decode and the cost reuse the array
+        except PlanError as exc:
+            return self._failed(individual, exc, None)
+        key = genes.tobytes()
         hit = self.cache.get(key)
         if hit is not None:
+            self.cache.move_to_end(key)
             self.hits += 1
             return hit
         self.calls += 1
         t0 = time.perf_counter()
         try:
-            plan = self.space.decode(individual)
-            macs, _ = self.space.cost(plan, validate=False)
-            layout = self.space.layout  # genes already checked by decode
-            cost = macs if self.latency is None else \
-                self.latency.predict_counts(layout.kept_counts(individual), layout.active_connections(individual))
+            plan = decode(self.space, genes, check=False)
+            counts, active = self.space.layout.kept_counts(genes), self.space.layout.active_connections(genes)
+            macs, _ = self.space.cost_from_counts(counts, active)
+            cost = macs if self.latency is None else self.latency.predict_counts(counts, active)
             score, loss = self._score_plan(plan, macs)
             if not math.isfinite(loss):
                 raise EvaluationError(f"the scoring loss is {loss}")
         except Exception as exc:
-            summary = _describe(self.space, individual)
-            if self.cfg.on_error == "worst":
-                import warnings
-                warnings.warn(f"fitness failed for {summary} ({type(exc).__name__}: {exc}); scored as worst",
-                              stacklevel=2)
-                worst_cost = self.space.base_macs if self.latency is None else self.latency.base_ms
-                result = (WORST_SCORE, float(worst_cost))
-                self.cache[key] = result
-                return result
-            if isinstance(exc, PlanError):
-                raise
-            raise EvaluationError(f"fitness failed for {summary} in process {os.getpid()}:\n"
-                                  f"{traceback.format_exc()}") from None
+            return self._failed(individual, exc, key)
         result = (float(score), float(cost))
-        self.cache[key] = result
+        self._remember(key, result)
         if self.cfg.trace_dir:
             self._trace(key, result, time.perf_counter() - t0)
         return result
+
+    def _remember(self, key, result) -> None:
+        self.cache[key] = result
+        if len(self.cache) > CACHE_SIZE:
+            self.cache.popitem(last=False)
+
+    def _failed(self, individual, exc, key) -> tuple[float, float]:
+        """Inside an ``except`` block: score ``individual`` as the worst plan (``on_error="worst"``), or raise a
+        :class:`PlanError` as it is and anything else as an :class:`EvaluationError` with the plan and traceback."""
+        summary = _describe(self.space, individual)
+        if self.cfg.on_error == "worst":
+            import warnings
+            warnings.warn(f"fitness failed for {summary} ({type(exc).__name__}: {exc}); scored as worst",
+                          stacklevel=3)
+            worst_cost = self.space.base_macs if self.latency is None else self.latency.base_ms
+            result = (WORST_SCORE, float(worst_cost))
+            if key is not None:
+                self._remember(key, result)
+            return result
+        if isinstance(exc, PlanError):
+            raise exc
+        raise EvaluationError(f"fitness failed for {summary} in process {os.getpid()}:\n"
+                              f"{traceback.format_exc()}") from None
 
     def _trace(self, key, result, seconds):
         import hashlib
@@ -230,7 +255,8 @@ class _Worker:
             mode = "physical" if macs < self.cfg.physical_below * self.space.base_macs else "masked"
         steps = self.cfg.finetune_steps or (self.cfg.cut_steps if plan.cut else 0)
         if mode == "physical" or steps:
-            net = apply_plan(self.model, plan, self.example, space=self.space).eval()
+            net = slice_plan(self.model, plan, self.space, validate=False, example_inputs=self.example).eval()
+            net = net.to(memory_format=self.memory_format)
             if self.cfg.bn_recalibration:
                 recalibrate_bn(net, self.recal)
             if steps:
@@ -238,7 +264,7 @@ class _Worker:
                 if self.cfg.bn_recalibration:
                     recalibrate_bn(net, self.recal)
             return self.score(net)
-        with masked(self.model, plan, self.space) as net:
+        with masked(self.model, plan, self.space, validate=False) as net:
             if self.cfg.bn_recalibration:
                 with restored_bn(net):
                     recalibrate_bn(net, self.recal)
@@ -328,4 +354,4 @@ def _describe(space: PruningSpace, individual) -> str:
         return f"an individual of {len(individual)} genes"
 
 
-__all__ = ["Evaluator", "FitnessConfig", "EvaluationError", "recalibrate_bn", "restored_bn", "under_scoop"]
+__all__ = ["Evaluator", "FitnessConfig", "WORST_SCORE", "reference_score", "recalibrate_bn", "restored_bn"]

@@ -198,10 +198,11 @@ class LatencyTable:
 
     # --------------------------------------------------------------- prediction
     def _layer_sum(self, counts: Sequence[int], active: Sequence[bool]) -> float:
-        removed, alive = self.space.removed_and_alive(counts, active)
-        d = self.space.cost_model.dims(removed)
+        removed, cut = self.space.removed_and_cut(counts, active)
+        cost = self.space.cost_model
+        d, alive = cost.dims(removed), cost.alive_calls(cut)
         return sum(layer.predict(int(d[layer.in_row]), int(d[layer.out_row]))
-                   for layer in self.layers if alive(layer.module))
+                   for layer in self.layers if alive[layer.call])
 
     def predict_counts(self, counts: Sequence[int], active: Sequence[bool]) -> float:
         """Predicted ms for kept channel ``counts`` per group and ``active`` flags per connection unit."""

@@ -206,3 +206,24 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, hint: str = DEFAU
     then, ends that message).
     """
     return fit_weights(model, load_state_dict(path), path, hint=hint)
+
+
+def check_finite(model: nn.Module) -> None:
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ModelError(f"{name} contains NaN or inf: the model cannot be scored or pruned meaningfully")
+
+
+def check_forward(model: nn.Module, x: torch.Tensor, hint: str = "") -> torch.Tensor:
+    """``model(x)`` without gradients, or a :class:`ModelError` that says the inputs do not fit (plus ``hint``)."""
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as exc:
+        raise ModelError(f"{type(model).__name__} cannot run on inputs of shape {tuple(x.shape)}: "
+                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}{hint}") from None
+    if not isinstance(out, torch.Tensor):
+        raise ModelError(f"{type(model).__name__} returns {type(out).__name__}; evoprune needs a model whose "
+                         "forward returns one tensor (wrap it to select the logits)")
+    return out
+

@@ -19,14 +19,6 @@ from .errors import ConfigError
 from .genome import Layout
 
 
-def check_probability(name: str, value) -> float:
-    """``value`` as a float; :class:`ConfigError` (``setting=name``) unless it is a number in [0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0 \
-            or math.isnan(value):
-        raise ConfigError(f"must be a probability in [0, 1], got {value!r}", setting=name)
-    return float(value)
-
-
 # ---------------------------------------------------------------------------------------------------- crossover
 def cut_point(layout: Layout, p_c: float) -> int:
     """The paper's crossover point: ``p_c`` of the way along the encoding, snapped to the nearest group boundary."""
@@ -69,20 +61,36 @@ def mut_guided(individual, layout: Layout, ranks: Sequence[np.ndarray], indpb: f
         sl = layout.group_slice(i)
         genes = individual[sl]
         n = _binomial(len(genes), indpb)
+        if n == 0:
+            continue
+        # the kept and removed channels in index order, with their weights, updated flip by flip
+        on = [k for k, v in enumerate(genes) if v]
+        off = [k for k, v in enumerate(genes) if not v]
+        w_on = [math.exp(-sharpness * r[j]) for j in on]
+        w_off = [math.exp(sharpness * r[j]) for j in off]
         for _ in range(n):
-            on = [k for k, v in enumerate(genes) if v]
-            off = [k for k, v in enumerate(genes) if not v]
             if off and (not on or random.random() < 0.5):
-                k = random.choices(off, weights=[math.exp(sharpness * r[j]) for j in off])[0]
+                k = random.choices(off, weights=w_off)[0]
                 genes[k] = 1
+                _move(k, off, w_off, on, w_on, math.exp(-sharpness * r[k]))
             elif on:
-                k = random.choices(on, weights=[math.exp(-sharpness * r[j]) for j in on])[0]
+                k = random.choices(on, weights=w_on)[0]
                 genes[k] = 0
+                _move(k, on, w_on, off, w_off, math.exp(sharpness * r[k]))
         individual[sl] = genes
     for j in range(layout.n_neurons, len(layout)):
         if random.random() < conn_indpb:
             individual[j] = 1 - individual[j]
     return (individual,)
+
+
+def _move(k, src, w_src, dst, w_dst, weight):
+    """Move channel ``k`` from the sorted list ``src`` to the sorted list ``dst``, with its weight."""
+    i = bisect.bisect_left(src, k)
+    del src[i], w_src[i]
+    j = bisect.bisect_left(dst, k)
+    dst.insert(j, k)
+    w_dst.insert(j, weight)
 
 
 def mut_swap(individual, layout: Layout, ranks: Sequence[np.ndarray], indpb: float, sharpness: float = 0.0):
@@ -231,17 +239,17 @@ def _legal_count(count: int, size: int, min_keep: int, round_to: int | None, up:
 
 def _set_count(genes: list, want: int, rank: np.ndarray) -> list:
     """Switch channels on (most important first) or off (least important first) until ``want`` are on."""
-    genes = list(genes)
-    have = sum(genes)
+    arr = np.asarray(genes, dtype=np.int64)
+    have = int(arr.sum())
     if have < want:
-        off = sorted((k for k, v in enumerate(genes) if not v), key=lambda k: -rank[k])
-        for k in off[: want - have]:
-            genes[k] = 1
+        off = np.flatnonzero(arr == 0)
+        arr[off[np.argsort(-rank[off], kind="stable")[: want - have]]] = 1
     elif have > want:
-        on = sorted((k for k, v in enumerate(genes) if v), key=lambda k: rank[k])
-        for k in on[: have - want]:
-            genes[k] = 0
-    return genes
+        on = np.flatnonzero(arr)
+        arr[on[np.argsort(rank[on], kind="stable")[: have - want]]] = 0
+    else:
+        return list(genes)
+    return arr.tolist()
 
 
 # ---------------------------------------------------------------------------------------------------- initialisation

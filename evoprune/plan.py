@@ -1,4 +1,5 @@
-"""PruningPlan: what to keep, by group name and connection name. It round-trips through JSON."""
+"""PruningPlan: what to keep, by group name and connection name. It round-trips through JSON; :func:`validate`
+checks one against a pruning space."""
 from __future__ import annotations
 
 import json
@@ -29,6 +30,9 @@ class PruningPlan:
         for name, idxs in self.groups.items():
             if not isinstance(name, str):
                 raise PlanError(f"group names must be strings, got {name!r}")
+            if type(idxs) is tuple and all(type(i) is int for i in idxs):  # decode's output: already ints
+                groups[name] = idxs
+                continue
             try:
                 groups[name] = tuple(_as_index(i, name) for i in idxs)
             except TypeError:
@@ -79,3 +83,28 @@ def _as_index(value, group: str) -> int:
     if isinstance(value, bool) or not hasattr(value, "__index__"):
         raise PlanError(f"group {group!r}: index {value!r} is not an integer")
     return int(value.__index__())
+
+
+def validate(space, plan: PruningPlan) -> None:
+    """Raise :class:`PlanError` naming the group and the problem, before torch-pruning ever sees the plan."""
+    if not isinstance(plan, PruningPlan):
+        raise PlanError(f"expected a PruningPlan, got {type(plan).__name__}")
+    if plan.fingerprint is not None and plan.fingerprint != space.fingerprint:
+        raise PlanError(f"plan was made for another pruning space (fingerprint {plan.fingerprint}, this space "
+                        f"is {space.fingerprint}): rebuild the plan for this model and input shape")
+    for name, idxs in plan.groups.items():
+        g = space.group(name)
+        bad = [i for i in idxs if not 0 <= i < g.size]
+        if bad:
+            raise PlanError(f"group {name!r}: index {bad[0]} is out of range [0, {g.size})")
+        if len(set(idxs)) != len(idxs):
+            dup = next(i for i in idxs if idxs.count(i) > 1)
+            raise PlanError(f"group {name!r}: index {dup} is listed twice")
+        if len(idxs) < space.min_keep:
+            raise PlanError(f"group {name!r} keeps {len(idxs)} of {g.size} channels, below "
+                            f"min_keep={space.min_keep}")
+    units = space.layout.connection_names
+    for name in plan.connections:
+        if name not in units:
+            cuttable = ", ".join(units) or "none"
+            raise PlanError(f"connection {name!r} is not a cuttable unit of this model; cuttable: {cuttable}")

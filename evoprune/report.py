@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 
 from .errors import ConfigError
-from .evolve import SearchResult
+from .result import SearchResult
 from .storage import atomic_write, write_json, write_text
 
 METRICS = ("top1", "loss")

@@ -10,6 +10,7 @@ import contextlib
 import copy
 from typing import Iterator
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -101,29 +102,32 @@ def _own_tensors(pruned: nn.Module, original: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def masked(model: nn.Module, plan: PruningPlan, space: PruningSpace) -> Iterator[nn.Module]:
+def masked(model: nn.Module, plan: PruningPlan, space: PruningSpace, *, validate: bool = True) -> Iterator[nn.Module]:
     """Evaluate ``model`` as if pruned by ``plan``, without copying it.
 
     Inside the block, cut units are bypassed and every consumer of a removed channel sees zero on that input. In eval
     mode the outputs equal those of ``apply_plan(model, plan, ...)``. The model is restored on exit.
+    ``validate=False`` skips :meth:`PruningSpace.validate` (for a plan just decoded from genes).
     """
-    space.validate(plan)
+    if validate:
+        space.validate(plan)
     kept = space.effective_kept(plan)
     alive = space.alive(plan)
     modules = dict(model.named_modules())
     masks: dict[str, tuple[int, torch.Tensor]] = {}
     for g in space.groups:
-        keep = set(kept[g.name])
-        if len(keep) == g.size:
+        if len(kept[g.name]) == g.size:
             continue
+        keep = np.zeros(g.size, dtype=bool)
+        keep[list(kept[g.name])] = True
         for c in g.consumers:
             if not alive(c.module):
                 continue
             dim, mask = masks.get(c.module, (c.dim, None))
             if mask is None:
                 mask = torch.ones(c.width)
-            drop = [i for r, i in zip(c.root_idxs, c.idxs) if r not in keep]
-            mask[drop] = 0.0
+            drop = np.asarray(c.idxs, dtype=np.int64)[~keep[np.asarray(c.root_idxs, dtype=np.int64)]]
+            mask[torch.from_numpy(drop)] = 0.0
             masks[c.module] = (dim, mask)
     handles, swapped = [], []
     try:

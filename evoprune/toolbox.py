@@ -3,8 +3,11 @@
 After ``register(toolbox, space, evaluate, macs_budget=...)`` the toolbox has ``individual``, ``population``,
 ``mate``, ``mutate``, ``select``, ``evaluate``, ``map`` and ``repair``, so stock DEAP algorithms
 (``algorithms.eaSimple``, ``eaMuPlusLambda``) or a loop of your own work unchanged. ``individual`` (hence
-``population``), ``mate`` and ``mutate`` are decorated with :func:`evoprune.operators.repair`, so new individuals and
-offspring always respect ``min_keep``, ``round_to`` and the budget.
+``population``) and ``mutate`` are decorated with :func:`evoprune.operators.repair`, so new individuals and
+offspring always respect ``min_keep``, ``round_to`` and the budget. Each child is repaired once: ``mate`` marks its
+children (attribute ``repair_pending``), a ``mutate`` that follows repairs them, and ``map`` (or a direct
+``evaluate`` call) repairs the children still marked before they are scored. Register another map with
+``register(..., map=...)``, not by replacing ``toolbox.map``, or crossed children may be scored unrepaired.
 
 Creator types (made once, guarded, shared by every toolbox):
 
@@ -22,9 +25,9 @@ import numpy as np
 from deap import base, creator, tools
 
 from . import operators as ops
-from .errors import ConfigError
-from .fitness import under_scoop
+from .errors import ConfigError, check_probability
 from .importance import ranks as importance_ranks
+from .parallel import parallel_map
 from .space import PruningSpace
 
 FITNESS = "EvoPruneFitness"
@@ -43,25 +46,85 @@ def creator_types():
     return getattr(creator, FITNESS), getattr(creator, INDIVIDUAL)
 
 
-def parallel_map() -> Callable:
-    """``scoop.futures.map`` under ``python -m scoop``, the builtin ``map`` otherwise (no SCOOP warnings)."""
-    if under_scoop():
-        from scoop import futures
-        return futures.map
-    return map
+PENDING = "repair_pending"  # the attribute ``mate`` sets on children whose repair is deferred
 
 
-def _with_repair(space, ranks, budgets, fill, *, single=False):
+def _repairer(space, ranks, budgets, fill) -> Callable:
+    """``fix(ind)``: repair ``ind`` in place (:func:`evoprune.operators.repair`) and clear its pending mark."""
+    def fix(ind):
+        ops.repair(ind, space, ranks, fill=fill, **budgets)
+        if hasattr(ind, "__dict__"):
+            vars(ind).pop(PENDING, None)
+        return ind
+    return fix
+
+
+def _repaired(fix, *, single=False):
     """A DEAP decorator: repair every individual an operator returns (a tuple of them, or one with ``single``)."""
     def decorator(op):
         @functools.wraps(op)
         def wrapper(*args, **kwargs):
             out = op(*args, **kwargs)
             for ind in ((out,) if single else out):
-                ops.repair(ind, space, ranks, fill=fill, **budgets)
+                fix(ind)
             return out
         return wrapper
     return decorator
+
+
+def _deferred(fix):
+    """A DEAP decorator for ``mate``: mark the children for repair instead of repairing them, so that a child that
+    is then mutated is repaired once, by the mutation; :func:`_pending_fixed` repairs the rest before they are
+    scored. A container without attributes (a plain list) is repaired at once."""
+    def decorator(op):
+        @functools.wraps(op)
+        def wrapper(*args, **kwargs):
+            out = op(*args, **kwargs)
+            for ind in out:
+                if hasattr(ind, "__dict__"):
+                    setattr(ind, PENDING, True)
+                else:
+                    fix(ind)
+            return out
+        return wrapper
+    return decorator
+
+
+def _pending_fixed(fix, individuals):
+    """``individuals`` as a list, the ones marked by ``mate`` repaired first (in this process)."""
+    individuals = list(individuals)
+    for ind in individuals:
+        if getattr(ind, PENDING, False):
+            fix(ind)
+    return individuals
+
+
+def _repairing_map(mapper: Callable, fix) -> Callable:
+    """``mapper`` (``map``, SCOOP's ``futures.map``...) that repairs pending children in this process before they
+    are shipped to be scored, so the genes scored are the genes kept."""
+    @functools.wraps(mapper)
+    def repairing(fn, *iterables):
+        return mapper(fn, *(_pending_fixed(fix, it) for it in iterables))
+    return repairing
+
+
+class _RepairingEvaluate:
+    """``evaluate`` that first repairs a child crossed but not yet repaired (a direct call on it). It pickles as
+    ``evaluate`` alone: what ``map`` ships to worker processes was repaired before it left. (Slots: DEAP copies a
+    registered function's ``__dict__`` onto its partial, which would ship ``fix`` too.)"""
+
+    __slots__ = ("evaluate", "fix")
+
+    def __init__(self, evaluate: Callable, fix):
+        self.evaluate, self.fix = evaluate, fix
+
+    def __call__(self, ind, *args, **kwargs):
+        if self.fix is not None and getattr(ind, PENDING, False):
+            self.fix(ind)
+        return self.evaluate(ind, *args, **kwargs)
+
+    def __reduce__(self):
+        return _RepairingEvaluate, (self.evaluate, None)
 
 
 def register(toolbox: base.Toolbox, space: PruningSpace, evaluate: Callable, *, p_c: float = 0.6,
@@ -71,7 +134,7 @@ def register(toolbox: base.Toolbox, space: PruningSpace, evaluate: Callable, *, 
              init: str = "importance", keep_range=(0.2, 1.0), init_spread: float = 0.3, init_global: float = 0.25,
              init_cut: float = 0.0,
              fill: float | None = 0.98, latency=None, latency_budget: float | None = None,
-             seed: int | None = None) -> base.Toolbox:
+             seed: int | None = None, map: Callable | None = None) -> base.Toolbox:
     """Register evoprune's chromosome types and operators on ``toolbox`` and return it.
 
     ``objective``: ``"budget"`` (the default, as in :func:`evoprune.search`: maximise the score subject to
@@ -94,10 +157,12 @@ def register(toolbox: base.Toolbox, space: PruningSpace, evaluate: Callable, *, 
     the search compares plan shapes at nearly equal MACs. ``latency``: a :class:`evoprune.latency.LatencyTable` of
     ``space``; with it the repair also keeps plans under ``latency_budget`` (ms), and ``evaluate`` should return
     (score, predicted ms), as ``Evaluator(..., latency=table)`` does, so that ``select`` (budget or NSGA-II) works
-    on the latency. ``seed`` seeds Python's ``random`` (DEAP's source of randomness) and numpy.
+    on the latency. ``seed`` seeds Python's ``random`` (DEAP's source of randomness) and numpy. ``map``: the
+DEAP-style ``map(fn, iterable)`` that runs fitness calls (default: SCOOP's under ``python -m scoop``, else the
+builtin).
     """
-    p_c = ops.check_probability("p_c", p_c)
-    p_mut = ops.check_probability("p_mut", p_mut)
+    p_c = check_probability("p_c", p_c)
+    p_mut = check_probability("p_mut", p_mut)
     if objective not in OBJECTIVES:
         raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if crossover not in CROSSOVERS:
@@ -127,9 +192,9 @@ def register(toolbox: base.Toolbox, space: PruningSpace, evaluate: Callable, *, 
     ranks = [rank_map[g.name] for g in space.groups]
     indpb = indpb if indpb is not None else min(0.5, 2.0 / max(1, layout.n_neurons) * len(space.groups))
     conn_indpb = conn_indpb if conn_indpb is not None else (1.0 / layout.n_connections if layout.n_connections else 0)
-    ops.check_probability("indpb", indpb)
-    ops.check_probability("conn_indpb", conn_indpb)
-    ops.check_probability("init_cut", init_cut)
+    check_probability("indpb", indpb)
+    check_probability("conn_indpb", conn_indpb)
+    check_probability("init_cut", init_cut)
     if seed is not None:
         random.seed(seed)
         np.random.seed(seed % 2**32)
@@ -144,7 +209,8 @@ def register(toolbox: base.Toolbox, space: PruningSpace, evaluate: Callable, *, 
     fill = fill if objective == "budget" else None
     budgets = dict(macs_budget=macs_budget, params_budget=params_budget, latency=latency,
                    latency_budget=latency_budget)
-    toolbox.decorate("individual", _with_repair(space, ranks, budgets, fill, single=True))
+    fix = _repairer(space, ranks, budgets, fill)
+    toolbox.decorate("individual", _repaired(fix, single=True))
     toolbox.register("population", tools.initRepeat, list, toolbox.individual)
     if crossover == "paper":
         toolbox.register("mate", ops.cx_paper, layout=layout, p_c=p_c)
@@ -160,9 +226,9 @@ def register(toolbox: base.Toolbox, space: PruningSpace, evaluate: Callable, *, 
         toolbox.register("mutate", ops.mut_width, layout=layout, ranks=ranks)
     else:
         toolbox.register("mutate", ops.mut_mixed, layout=layout, ranks=ranks, indpb=indpb, conn_indpb=conn_indpb)
-    repair = _with_repair(space, ranks, budgets, fill)
-    toolbox.decorate("mate", repair)
-    toolbox.decorate("mutate", repair)
+    toolbox.decorate("mate", _deferred(fix))
+    toolbox.decorate("mutate", _repaired(fix))
+    toolbox.register("settle", _pending_fixed, fix)  # repair the children mate left pending; returns the list
     toolbox.register("repair", ops.repair, space=space, ranks=ranks, fill=fill, **budgets)
     if objective == "nsga2":
         toolbox.register("select", ops.sel_nsga2)
@@ -171,7 +237,7 @@ def register(toolbox: base.Toolbox, space: PruningSpace, evaluate: Callable, *, 
     else:
         budget = next((b for b in (latency_budget, macs_budget) if b is not None), float("inf"))
         toolbox.register("select", ops.sel_budget, budget=budget)
-    toolbox.register("evaluate", evaluate)
-    toolbox.register("map", parallel_map())
+    toolbox.register("evaluate", _RepairingEvaluate(evaluate, fix))
+    toolbox.register("map", _repairing_map(map or parallel_map(), fix))
     toolbox.p_c, toolbox.p_mut, toolbox.elites, toolbox.space = p_c, p_mut, elites, space
     return toolbox

@@ -321,3 +321,15 @@ def _concat_problem(node, ins, outs) -> str | None:
 
 
 __all__ = ["build", "describe", "Traced", "Untraceable"]
+
+
+@contextlib.contextmanager
+def forward_hooks(modules, hook):
+    """Register ``hook`` as a forward hook on every module for the duration of the block."""
+    handles = [m.register_forward_hook(hook) for m in modules]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+

@@ -2,7 +2,8 @@
 
 The recipe is the one the shipped VGG16-BN teacher was trained with: SGD with Nesterov momentum, OneCycle (or cosine)
 learning rate stepped per batch, cross-entropy with label smoothing, random-crop + flip augmentation. All of it runs
-on plain tensors from :func:`evoprune.data.batches`, on CPU or CUDA.
+on plain tensors from :func:`evoprune.data.batches`, on CPU or CUDA; images are normalised with the statistics
+their set carries (``ImageSet.stats``: CIFAR-10's unless the data were given their own).
 """
 from __future__ import annotations
 

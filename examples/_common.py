@@ -1,18 +1,21 @@
-"""Shared by the CIFAR-10 examples: the flags and the job of ``evoprune prune --arch`` (see :mod:`evoprune.cli`),
-and turning evoprune errors into one ``error:`` line and an exit code."""
+"""Shared by the CIFAR-10 examples: the flags and the job of ``evoprune prune --arch`` (the parser of
+:mod:`evoprune.cli_parser`, the job of :func:`evoprune.job.prune_job`), and turning evoprune errors into one
+``error:`` line and an exit code (:func:`evoprune.cli.guarded`)."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 
-from evoprune import cli
+from evoprune.cli import guarded
+from evoprune.cli_parser import HelpFormatter, Parser, add_prune_arguments
+from evoprune.job import prune_job
 
 
 def parser(description: str, default_weights: str | None) -> argparse.ArgumentParser:
-    p = cli.Parser(description=description, formatter_class=cli.HelpFormatter)
-    cli.add_prune_arguments(p, default_weights=default_weights,
-                            default_data=os.environ.get("EVOPRUNE_DATA", "data/cifar10"))
+    p = Parser(description=description, formatter_class=HelpFormatter)
+    add_prune_arguments(p, default_weights=default_weights,
+                        default_data=os.environ.get("EVOPRUNE_DATA", "data/cifar10"))
     return p
 
 
@@ -22,7 +25,7 @@ def main(build_model, description: str, default_weights: str | None = None, argv
         args = parser(description, default_weights).parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else 2
-    return cli.guarded(lambda: cli.prune_job(build_model, args, title=description))
+    return guarded(lambda: prune_job(build_model, args, title=description))
 
 
 def exit_code(code: int) -> None:

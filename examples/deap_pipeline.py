@@ -59,8 +59,9 @@ def main(argv=None) -> int:
     # 2. What can be pruned, and how a plan is scored: top-1 on one half of val (stratified) after BN
     #    re-calibration. The other half is only for reporting: never report accuracy on the images you searched on.
     search_set, report_set = data.val.stratified_split(0.5, seed=args.seed)
-    score_x, score_y = normalize(search_set.images), search_set.labels
-    recal_x = [normalize(data.train.images[i:i + 64]) for i in range(0, 256, 64)]
+    #    Images are normalised with the statistics the data carry (CIFAR-10's unless set with data.with_stats).
+    score_x, score_y = normalize(search_set.images, *data.stats), search_set.labels
+    recal_x = [normalize(data.train.images[i:i + 64], *data.stats) for i in range(0, 256, 64)]
     example = score_x[:1]
     space = evoprune.PruningSpace.from_model(model, example)
     print(space)

@@ -3,6 +3,7 @@ end to end on a tiny CNN and tiny generated data, exit codes, error lines and he
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -14,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from evoprune import cli
+from evoprune import cli, cli_parser, options, sources
+from evoprune import SearchConfig
 from evoprune.cli import main
 from evoprune.models import load_weights, tiny_cnn
 
@@ -265,7 +267,7 @@ def test_weights_of_another_architecture_exit_1(imagefolder, tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------ help
 
 def subparsers() -> dict[str, argparse.ArgumentParser]:
-    parser = cli.build_parser()
+    parser = cli_parser.build_parser()
     action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return dict(action.choices)
 
@@ -279,7 +281,7 @@ def test_help_mentions_every_flag_with_help_and_defaults(command, capsys):
     code, out, err = run(capsys, command, "--help")
     assert code == 0 and err == ""
     parser = subparsers()[command]
-    formatter = cli.HelpFormatter(prog=parser.prog)
+    formatter = cli_parser.HelpFormatter(prog=parser.prog)
     flags = [a for a in parser._actions if a.option_strings]
     assert len(flags) > 2
     for action in flags:
@@ -346,7 +348,7 @@ def fails_with(capsys, argv, code=1) -> str:
 @pytest.mark.parametrize("command", ["evaluate", "inspect", "prune"])
 def test_a_bad_weights_file_says_what_it_is_without_pickle_advice(command, name, words, bad_files, tmp_path,
                                                                   capsys, monkeypatch):
-    monkeypatch.setattr(cli, "load_data", lambda args: pytest.fail("the data were loaded before the weights"))
+    monkeypatch.setattr(sources, "load_data", lambda args: pytest.fail("the data were loaded before the weights"))
     argv = [command, "--arch", "tiny", "--weights", bad_files / name]
     argv += [] if command == "inspect" else ["--data", "demo:quick"]
     argv += ["--out", tmp_path / "run"] if command == "prune" else []
@@ -437,7 +439,7 @@ def test_inspect_flag_combinations(argv, message, tmp_path, capsys):
     ("--recal-batches", "-1", "recal_batches"), ("--finetune-epochs", "-2", "finetune_epochs"),
 ])
 def test_setting_errors_name_the_flag_not_the_python_name(flag, value, name, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "load_data", lambda args: pytest.fail("the data were loaded"))
+    monkeypatch.setattr(sources, "load_data", lambda args: pytest.fail("the data were loaded"))
     line = fails_with(capsys, ["prune", "--arch", "tiny", "--data", "demo:quick", "--out", tmp_path / "run",
                                flag, value], code=2)
     assert line.startswith(f"error: {flag} ") and value.lstrip("-") in line
@@ -467,3 +469,41 @@ def test_a_library_config_error_keeps_its_python_name():
         SearchConfig(p_c=2.0).check()
     assert info.value.setting == "p_c" and str(info.value).startswith("p_c must be a probability")
     assert cli.setting_flag("target") == "--target-macs" and cli.setting_flag("connections") == "--no-connections"
+
+
+# ------------------------------------------------------------------------------------------ flags from the settings
+
+def test_every_setting_has_a_flag_or_is_api_only():
+    """A SearchConfig/JobOptions field gets a flag (options.SEARCH_FLAGS or its field metadata) or is API-only."""
+    names = {f.name for f in dataclasses.fields(options.JobOptions)}
+    flagged = set(options.job_flags())
+    assert names - flagged == options.API_ONLY, "a setting has neither a flag nor a place in options.API_ONLY"
+    assert not options.API_ONLY & flagged
+    assert set(options.SEARCH_FLAGS) - {f.name for f in dataclasses.fields(SearchConfig)} == {"target_latency_ms"}
+
+
+def test_the_parser_and_the_flag_names_come_from_the_same_declarations():
+    prune = subparsers()["prune"]
+    actions = {option: action for action in prune._actions for option in action.option_strings}
+    assert set(options.FLAGS.values()) <= set(actions), "FLAGS names a flag 'evoprune prune' does not have"
+    defaults = options.JobOptions()
+    for name, (spec, default) in options.job_flags().items():
+        action = actions[options.FLAGS[name]]
+        assert action.help.startswith(spec.help)
+        if spec.negated:
+            assert isinstance(action, argparse._StoreTrueAction) and getattr(defaults, name) is True
+        elif name != "target_latency_ms":
+            assert action.default == getattr(defaults, name) == default, name
+            assert tuple(action.choices or ()) == tuple(spec.choices or ())
+    assert options.NEGATED == {"connections", "kd", "resume", "snap"}
+
+
+def test_options_from_args_defaults_latency_target_and_switches():
+    prune = subparsers()["prune"]
+    base = ["--arch", "tiny", "--data", "demo:quick"]
+    assert options.options_from_args(prune.parse_args(base)) == options.JobOptions()
+    opts = options.options_from_args(prune.parse_args(base + ["--target-latency-ms", "2.5", "--no-kd", "--no-snap",
+                                                              "--p-c", "0.3", "--runtime", "torch"]))
+    assert (opts.target, opts.target_kind, opts.kd, opts.snap, opts.p_c) == (2.5, "latency", False, False, 0.3)
+    opts = options.options_from_args(prune.parse_args(base + ["--target-macs", "0.4", "--no-resume"]))
+    assert (opts.target, opts.target_kind, opts.resume, opts.connections) == (0.4, "macs", False, True)

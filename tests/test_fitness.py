@@ -11,7 +11,8 @@ import torch
 from evoprune import ConfigError, ModelError, PlanError, PruningSpace
 from evoprune import fitness as fit
 from evoprune.data import normalize
-from evoprune.fitness import EvaluationError, Evaluator, FitnessConfig
+from evoprune.errors import EvaluationError
+from evoprune.fitness import Evaluator, FitnessConfig
 from evoprune.importance import channel_importance
 
 

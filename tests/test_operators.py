@@ -11,6 +11,7 @@ from deap import base, tools
 
 from evoprune import ConfigError, PruningSpace
 from evoprune import operators as ops
+from evoprune.errors import check_probability
 from evoprune.genome import Layout
 from evoprune.importance import channel_importance, ranks as to_ranks
 from evoprune.evolve import vary
@@ -238,7 +239,7 @@ def test_topk_is_truncation_by_score_then_macs():
 @pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "0.5", None, True])
 def test_probabilities_are_checked(bad):
     with pytest.raises(ConfigError, match="p_c"):
-        ops.check_probability("p_c", bad)
+        check_probability("p_c", bad)
 
 
 def test_repair_with_fill_grows_small_plans_back_to_the_budget(setup):

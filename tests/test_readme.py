@@ -136,6 +136,9 @@ def test_every_runnable_block_runs_as_written(checkout):
     section = README.split("## Python API", 1)[1]
     promised = re.search(r"prints `(\(\d+, \d+\))`", section).group(1)
     assert any(promised in out for kind, out in ran if kind == "python")
+    # the composable search loop runs to the target it promises
+    loop = re.search(r"prints `(\d+ rounds: \d+ % of the MACs)`", section).group(1)
+    assert any(loop in out for kind, out in ran if kind == "python"), loop
     for suffix in (".pt", ".torchscript.pt", ".json"):
         assert (checkout / f"vgg16_half{suffix}").is_file()
 

@@ -170,7 +170,10 @@ def test_operators_keep_every_invariant(spaces, data):
     children = list(tb.mate(a, b))
     # crossover swaps genes between the parents; repair never touches connection genes
     assert [sorted((children[0][i], children[1][i])) for i in range(start, n)] == pairs_before
+    assert all(c.repair_pending for c in children)  # mate defers its repair ...
     children.append(tb.mutate(tb.clone(children[0]))[0])
+    assert not getattr(children[-1], "repair_pending", False)  # ... to the mutation that follows
+    children = tb.settle(children)  # ... or to scoring (map / settle), which repairs what is still pending
     smallest = [ops._legal_count(1, g.size, space.min_keep, space.round_to, up=False) for g in space.groups]
     for child in children:
         assert len(child) == n and set(child) <= {0, 1}

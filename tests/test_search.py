@@ -23,7 +23,8 @@ from evoprune.data import normalize
 from evoprune.fitness import Evaluator
 from evoprune.importance import ranks as to_ranks
 from evoprune.evolve import search
-from evoprune.toolbox import creator_types, parallel_map, register
+from evoprune.parallel import parallel_map
+from evoprune.toolbox import creator_types, register
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "tests" / "jobs" / "tiny_search.py"
@@ -105,12 +106,30 @@ def test_bad_settings_are_refused_before_any_work(bad, match, monkeypatch):
     assert not called
 
 
+def test_a_child_crossed_then_mutated_is_repaired_once(trained, monkeypatch):
+    from evoprune import operators as ops
+    model, x, y, recal, _ = trained
+    space = PruningSpace.from_model(model, x[:1])
+    toolbox = register(base.Toolbox(), space, lambda ind: (0.0, 0.0), macs_budget=0.5 * space.base_macs, seed=0)
+    parents = [toolbox.individual() for _ in range(2)]
+    calls = []
+    real = ops.repair
+    monkeypatch.setattr(ops, "repair", lambda ind, *a, **k: calls.append(id(ind)) or real(ind, *a, **k))
+    a, b = toolbox.mate(*map(toolbox.clone, parents))
+    assert calls == [] and a.repair_pending and b.repair_pending  # deferred
+    toolbox.mutate(a)
+    assert calls == [id(a)] and not getattr(a, "repair_pending", False)
+    list(toolbox.map(toolbox.evaluate, [a, b]))  # b, crossed only, is repaired before it is scored
+    assert calls == [id(a), id(b)]
+    assert all(space.cost_of(c)[0] <= 0.5 * space.base_macs for c in (a, b))
+
+
 def test_stock_deap_eaMuPlusLambda_runs_with_the_registered_toolbox(trained):
     model, x, y, recal, _ = trained
     space = PruningSpace.from_model(model, x[:1])
     evaluator = Evaluator(model, space, x[:200], y[:200], recal[:2])
     toolbox = register(base.Toolbox(), space, evaluator, objective="nsga2", seed=0)
-    assert toolbox.map.func is map  # not launched with python -m scoop
+    assert toolbox.map.func.__wrapped__ is map  # not launched with python -m scoop (wrapped: it repairs first)
     pop = toolbox.population(8)
     front = tools.ParetoFront()
     stats = tools.Statistics(lambda ind: ind.fitness.values[0])
@@ -120,6 +139,9 @@ def test_stock_deap_eaMuPlusLambda_runs_with_the_registered_toolbox(trained):
                                          stats=stats, halloffame=front, verbose=False)
     assert len(pop) == 8 and len(log) == 3 and len(front) >= 1
     assert all(ind.fitness.valid and len(ind) == len(space) for ind in pop)
+    # varOr only crosses or mutates: the crossed children were repaired by map before scoring
+    assert not any(getattr(ind, "repair_pending", False) for ind in pop)
+    assert all(toolbox.evaluate(toolbox.clone(ind)) == ind.fitness.values for ind in pop[:3])
     values = [ind.fitness.values for ind in front]
     assert all(0 <= s <= 1 and 0 < m <= space.base_macs for s, m in values)
 

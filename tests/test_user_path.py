@@ -16,7 +16,8 @@ import pytest
 import torch
 from deap import tools
 
-from evoprune import cli, job, report
+from evoprune import job, options, report, resume, sources
+from evoprune.demo import demo_options
 from evoprune.cli import main
 from evoprune.errors import ConfigError
 from evoprune.evolve import SearchResult
@@ -112,13 +113,13 @@ def test_evaluate_help_examples_use_data_that_fit(capsys):
 def test_data_demo_reproduces_the_demo_data():
     """``--data demo[:quick][:SEED]`` is the data ``evoprune demo [--quick] [--seed SEED]`` trains on."""
     for quick, seed in ((False, 0), (True, 0), (True, 3)):
-        name = cli.demo_data_name(quick, seed)
-        assert cli.demo_data_spec(name) == (quick, seed)
-        a, b = cli.demo_data(quick, seed), cli.demo_data(*cli.demo_data_spec(name))
+        name = sources.demo_data_name(quick, seed)
+        assert sources.demo_data_spec(name) == (quick, seed)
+        a, b = sources.demo_data(quick, seed), sources.demo_data(*sources.demo_data_spec(name))
         assert torch.equal(a.val.images, b.val.images) and torch.equal(a.val.labels, b.val.labels)
-    assert not torch.equal(cli.demo_data(True, 0).val.images, cli.demo_data(True, 3).val.images)
-    assert len(cli.demo_data(False, 0).val) == cli.demo_options(False)[0][1]
-    assert cli.demo_data_spec("data/cifar10") is None
+    assert not torch.equal(sources.demo_data(True, 0).val.images, sources.demo_data(True, 3).val.images)
+    assert len(sources.demo_data(False, 0).val) == demo_options(False)[0][1]
+    assert sources.demo_data_spec("data/cifar10") is None
 
 
 @pytest.mark.parametrize("spec", ["demo:fast", "demo:1:2", "demo:quick:quick"])
@@ -222,7 +223,7 @@ def no_data(monkeypatch):
     """Any data load fails the test: the command must decide before loading data."""
     def refuse(*args, **kwargs):
         raise AssertionError("data were loaded")
-    monkeypatch.setattr(cli, "load_data", refuse)
+    monkeypatch.setattr(sources, "load_data", refuse)
 
 
 def outputs(out):
@@ -269,14 +270,14 @@ def test_job_run_refuses_other_settings_or_data_before_any_work(finished_run, mo
     out, _ = finished_run
     monkeypatch.setattr(job, "search", lambda *a, **k: pytest.fail("the search ran"))
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 4))
-    data = cli.demo_data(True, 0)
-    recorded = json.loads(job.job_file(out).read_text())["options"]
-    opts = job.JobOptions(**{**recorded, "finetune_epochs": 2.0})
+    data = sources.demo_data(True, 0)
+    recorded = json.loads(resume.job_file(out).read_text())["options"]
+    opts = options.JobOptions(**{**recorded, "finetune_epochs": 2.0})
     with pytest.raises(ConfigError, match="--finetune-epochs was 0.5, now 2.0"):
         job.run(model, data, out, opts, verbose=False)
-    same = job.JobOptions(**recorded)
+    same = options.JobOptions(**recorded)
     with pytest.raises(ConfigError, match="the data differ"):
-        job.run(model, cli.demo_data(True, 1), out, same, verbose=False)
+        job.run(model, sources.demo_data(True, 1), out, same, verbose=False)
     with pytest.raises(ConfigError, match="teacher's weights differ"):
         job.run(model, data, out, same, verbose=False)
 
@@ -285,11 +286,11 @@ def test_no_resume_starts_over_and_drops_the_old_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["prune", "--arch", "tiny", "--data", "demo:quick", "--out", out, "--baseline-epochs", "1", *TINY_SEARCH]
     assert main([str(a) for a in argv]) == 0
-    assert json.loads(job.job_file(out).read_text())["complete"] is True
+    assert json.loads(resume.job_file(out).read_text())["complete"] is True
     argv[argv.index("--score-samples") + 1] = "30"  # a change: refused unless starting over
     assert main([str(a) for a in argv]) == 2
     assert main([str(a) for a in argv] + ["--no-resume"]) == 0
-    assert not job.job_file(out).exists() and not (out / "checkpoint" / "checkpoint.pt").exists()
+    assert not resume.job_file(out).exists() and not (out / "checkpoint" / "checkpoint.pt").exists()
     assert json.loads((out / "report.json").read_text())["settings"]["score_samples"] == 30
     capsys.readouterr()
 

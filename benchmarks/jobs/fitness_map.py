@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from evoprune import PruningSpace, operators as ops  # noqa: E402
 from evoprune.fitness import Evaluator  # noqa: E402
 from evoprune.models import vgg16_bn_cifar  # noqa: E402
-from evoprune.toolbox import creator_types, parallel_map  # noqa: E402
+from evoprune.parallel import parallel_map  # noqa: E402
+from evoprune.toolbox import creator_types  # noqa: E402
 
 
 def main():
