@@ -3,6 +3,7 @@
     python benchmarks/b3_speed.py --quick     # ~10 minutes on 2 CPU cores
     python benchmarks/b3_speed.py
     python benchmarks/b3_speed.py --quick --parts hot,rounds --against 4544bea   # this tree vs an older commit
+    python benchmarks/b3_speed.py --quick --parts engines   # serial, processes, SCOOP, Dask at 2 and 8 workers
 
 ``--against REF`` runs the version-neutral jobs (benchmarks/jobs/hot_path.py: fitness calls at 25 % of the MACs
 and the GA's overhead per evaluation; benchmarks/jobs/rss_rounds.py: RSS after each round of a 5-round search,
@@ -306,6 +307,33 @@ def rss_rounds_compare(trees):
     return out
 
 
+def engines_compare(quick):
+    """Per-task engine overhead, time to first result and memory per worker: serial, processes, SCOOP and Dask at
+    2 and 8 workers (8 oversubscribe the 2 cores: fine for overhead), on the tiny model and on VGG16 fitness calls
+    (benchmarks/jobs/engine_map.py)."""
+    rows = []
+    for model in ("tiny", "vgg16"):
+        for engine, workers in (("serial", 1), ("processes", 2), ("scoop", 2), ("dask", 2), ("processes", 8),
+                                ("scoop", 8), ("dask", 8)):
+            args = ("--engine", engine, "--workers", str(workers), "--model", model, "--plans",
+                    str(16 if quick else 32))
+            if engine == "scoop":
+                cmd = [sys.executable, "-m", "scoop", "-n", str(workers), str(ROOT / "benchmarks" / "jobs" /
+                                                                             "engine_map.py"), *args]
+            else:
+                cmd = [sys.executable, str(ROOT / "benchmarks" / "jobs" / "engine_map.py"), *args]
+            r = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True)
+            line = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("engine_map: ")]
+            if not line:  # python -m scoop exits 0 even when the script fails
+                raise RuntimeError(f"{' '.join(cmd)} failed:\n{(r.stdout + r.stderr)[-3000:]}")
+            rows.append(json.loads(line[0][len("engine_map: "):]))
+            row = rows[-1]
+            log(f"engine {engine} x{workers} on {model}: first result {row['first_result_s']:.2f} s, overhead "
+                f"{100 * row['overhead_fraction']:.1f} % ({row['overhead_per_task_ms']:.1f} ms/task), worker RSS "
+                f"{max(row['worker_rss_MiB']):.0f} MiB")
+    return rows
+
+
 def _trees(against):
     """``{"after": this tree}``, plus ``{"before": an extracted copy of commit ``against``}``."""
     trees = {"after": ROOT}
@@ -356,7 +384,7 @@ def main():
              ("peak_rss", lambda: peak_rss_of_search()))
     trees = _trees(args.against) if parts & {"hot", "rounds"} else {}
     steps += (("hot_path", lambda: hot_path_compare(trees, 5 if args.quick else 9, 3 if args.quick else 5)),
-              ("rounds_rss", lambda: rss_rounds_compare(trees)))
+              ("rounds_rss", lambda: rss_rounds_compare(trees)), ("engines", lambda: engines_compare(args.quick)))
     if args.against:
         result["settings"]["against"] = args.against
     for key, measure in steps:

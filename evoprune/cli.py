@@ -33,6 +33,7 @@ import torch
 
 from . import demo, inspect_model, job, sources
 from .cli_parser import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, build_parser, check_combinations
+from .data import normalized, parse_normalization
 from .errors import ConfigError, EvoPruneError, ModelError
 from .export import export
 from .models import MODELS, build, fit_weights
@@ -138,6 +139,7 @@ def cmd_evaluate(args) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     _check_device(args.device)
+    parse_normalization(args.normalize)  # before the data are loaded
     if args.arch:
         state = sources.read_weights(args.weights)  # a bad file is refused before the data are loaded
         data = sources.load_data(args)
@@ -150,6 +152,7 @@ def cmd_evaluate(args) -> int:
         model = sources.load_model_file(args.model, trust=args.trust_pickle, purpose="evaluate")
         data = sources.load_data(args)
         where = args.model
+    data = normalized(data, args.normalize)
     sources.check_outputs(model, data, where)
     images, seed = data.val, args.seed or 0
     if args.split != "val":

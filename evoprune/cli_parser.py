@@ -194,6 +194,10 @@ def build_parser() -> Parser:
                      model_help="a saved model: TorchScript, or a pickled whole model with --trust-pickle")
     p.add_argument("--weights", metavar="PT", help="with --arch: the state_dict to evaluate (tensors only)")
     add_data_arguments(p)
+    p.add_argument("--normalize", default="data", metavar="{data,train,MEAN/STD}",
+                   help="input normalisation, as the model was trained and pruned with: data (the data's mean/std, "
+                        "CIFAR-10's), train (computed from the training images) or MEAN/STD per channel "
+                        "(default: %(default)s)")
     p.add_argument("--split", choices=SPLITS, default="val",
                    help="val: every val image; val-report: the half of val that prune and demo report top-1 on "
                         "(their report.json, report.md and summary); val-search: the half their GA scores plans on")

@@ -52,6 +52,11 @@ class EvaluationError(EvoPruneError):
     """A fitness call failed (or gave NaN). The message names the plan, the process and the traceback."""
 
 
+class EngineError(EvoPruneError):
+    """A parallel engine cannot run fitness calls: its scheduler cannot be reached, or its workers run another
+    evoprune version."""
+
+
 class CheckpointError(EvoPruneError):
     """A checkpoint or saved file is truncated, from another version, for another model, or untrusted.
 

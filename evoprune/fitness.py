@@ -8,7 +8,7 @@
   MACs; image models run channels-last; tensors stay in memory; the genes are checked and the plan validated once;
   the last :data:`CACHE_SIZE` genomes are cached; inference mode.
 * **Parallel-friendly.** An :class:`Evaluator` pickles to a few hundred bytes: the model and tensors are published
-  once (``scoop.shared`` under SCOOP, a module-level registry otherwise) and every process loads them once, keeping
+  once (:mod:`evoprune.engines`: SCOOP, a process pool or Dask) and every process loads them once, keeping
   the :data:`MAX_WORKERS` newest evaluators' state (a search makes one per round), so memory stays flat over rounds.
 """
 from __future__ import annotations
@@ -29,12 +29,11 @@ import torch.nn as nn
 from .errors import ConfigError, EvaluationError, ModelError, PlanError
 from .genome import check_genes, decode
 from .models import check_finite
-from .parallel import fetch, forget_shared, publish, scoop_origin, under_scoop
+from .engines import fetch, forget, owned, publish, scoop_origin, under_scoop
 from .space import PruningSpace
 from .slicing import slice_plan
 from .surgery import masked
 
-_REGISTRY: dict[str, dict] = {}  # token -> payload, in this process
 _WORKERS: "OrderedDict[str, _Worker]" = OrderedDict()  # token -> loaded state, in this process, newest last
 MAX_WORKERS = 2  # loaded fitness states a process keeps: this round's and the one before (one model each)
 CACHE_SIZE = 4096  # genomes whose fitness a process remembers (least recently used dropped first)
@@ -117,7 +116,6 @@ class Evaluator:
         self.space = space  # small: names, sizes and the cost table
         payload = {"model": copy.deepcopy(model).cpu().eval(), "space": space, "score_x": score_x, "score_y": score_y,
                    "recal_x": list(recal_x or []), "config": config, "latency": latency}
-        _REGISTRY[self.token] = payload
         publish(self.token, payload)
 
     def __getstate__(self):
@@ -140,9 +138,8 @@ class Evaluator:
 
 
 def _forget(token: str) -> None:
-    _REGISTRY.pop(token, None)
     _WORKERS.pop(token, None)
-    forget_shared(token)
+    forget(token)
 
 
 def _worker(token: str) -> "_Worker":
@@ -150,20 +147,18 @@ def _worker(token: str) -> "_Worker":
     if w is not None:
         _WORKERS.move_to_end(token)
         return w
-    payload = _REGISTRY.get(token)
-    if payload is None:
-        payload = fetch(token)
+    payload = fetch(token)
     if payload is None:
         raise EvaluationError(f"no fitness state for {token} in process {os.getpid()}: create the Evaluator in "
                               "the main program before mapping it, and do not map an evaluator after a newer one "
                               f"has been mapped {MAX_WORKERS} times over (workers keep the {MAX_WORKERS} newest)")
     w = _WORKERS[token] = _Worker(payload)
-    if token not in _REGISTRY:  # a worker process: the loaded state is all it needs
-        forget_shared(token)
+    if not owned(token):  # a worker process: the loaded state is all it needs
+        forget(token)
     while len(_WORKERS) > MAX_WORKERS:  # an older round's model and cache
         old, _ = _WORKERS.popitem(last=False)
-        if old not in _REGISTRY:
-            forget_shared(old)
+        if not owned(old):
+            forget(old)
     return w
 
 

@@ -14,6 +14,7 @@ The settings are :class:`~evoprune.options.JobOptions` (re-exported here, with :
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import re
 import sys
@@ -25,7 +26,8 @@ import torch
 import torch.nn as nn
 
 from . import resume, sources
-from .data import ImageData, ImageSet, normalize
+from .data import ImageData, ImageSet, normalize, normalized
+from .engines import make_map
 from .errors import ConfigError
 from .evolve import search
 from .export import export
@@ -66,16 +68,21 @@ def val_splits(val: ImageSet, seed: int) -> tuple[ImageSet, ImageSet]:
 # ----------------------------------------------------------------------------------------------------------------
 
 def run(model: nn.Module, data: ImageData, out_dir: str | Path, opts: JobOptions, *, title: str = "evoprune run",
-        verbose: bool = True, source: dict | None = None) -> JobResult:
+        verbose: bool = True, source: dict | None = None, map: Callable | None = None) -> JobResult:
     """Prune ``model`` on ``data`` and write the compact models and the report into ``out_dir``; return a
     :class:`JobResult` (the search result plus the files this call wrote).
 
     ``source`` (optional, plain JSON values) says where the model and data came from, e.g. ``{"data": path,
     "weights": path}``; it is recorded in ``checkpoint/job.json`` and a resume with another source is refused. See
     :mod:`evoprune.resume` for resuming: the settings, the data and the teacher's weights are checked against the
-    job recorded in ``out_dir`` before any work (:class:`ConfigError` on a change).
+    job recorded in ``out_dir`` before any work (:class:`ConfigError` on a change). ``map``: where fitness calls
+    run (default: the engine ``opts.executor`` names, made and closed here; see :mod:`evoprune.engines`).
     """
     opts.check()
+    if map is None:
+        with contextlib.closing(_engine(opts)) as engine:
+            return run(model, data, out_dir, opts, title=title, verbose=verbose, source=source, map=engine)
+    data = normalized(data, opts.normalize)
     out = Path(out_dir)
     resume.check_resume(out, opts, source=source, data=data, model=model)
     out.mkdir(parents=True, exist_ok=True)
@@ -105,7 +112,8 @@ def run(model: nn.Module, data: ImageData, out_dir: str | Path, opts: JobOptions
 
     def on_round(k, net, row, plan):
         written = export(net, out / f"round{k}.pt", example, formats=("pt", "torchscript"), plan=plan,
-                         extra={"round": k, "row": row, "top1_split": "val-report", "split_seed": opts.seed})
+                         extra={"round": k, "row": row, "top1_split": "val-report", "split_seed": opts.seed,
+                                "normalization": asdict(data.train.stats)})
         files.extend(written.values())
 
     fitness = FitnessConfig(bn_recalibration=bool(recal_x), device=opts.device)
@@ -115,7 +123,7 @@ def run(model: nn.Module, data: ImageData, out_dir: str | Path, opts: JobOptions
                     finetune=tune if opts.finetune_epochs > 0 else None, on_round=on_round,
                     config=opts.search_config(), fitness=fitness,
                     checkpoint_dir=str(out / resume.CHECKPOINT_DIR) if opts.resume else None, verbose=verbose,
-                    progress=verbose)
+                    progress=verbose, map=map)
     written = write_report(result, out, title=title, settings=settings)
     files.extend(written[k] for k in ("md", "json", "logbook", "pareto") if k in written)
     skipped = [] if "pareto" in written else [PARETO_SKIPPED]
@@ -128,6 +136,25 @@ def run(model: nn.Module, data: ImageData, out_dir: str | Path, opts: JobOptions
             status(f"evoprune: {line}")
     return JobResult(**{f.name: getattr(result, f.name) for f in fields(SearchResult)}, files=files,
                      skipped=skipped, settings=settings)
+
+
+class _Builtin:
+    """A closable wrapper of a map that holds nothing (serial, SCOOP's)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, fn, *iterables):
+        return self.fn(fn, *iterables)
+
+    def close(self):
+        pass
+
+
+def _engine(opts: JobOptions):
+    """The map ``opts`` asks for (:func:`evoprune.engines.make_map`), closable."""
+    engine = make_map(opts.executor, scheduler=opts.scheduler, workers=opts.workers)
+    return engine if hasattr(engine, "close") else _Builtin(engine)
 
 
 def _recal_batches(train_set: ImageSet, opts: JobOptions) -> list[torch.Tensor]:
@@ -240,15 +267,16 @@ def prune_job(build_model: Callable, args: argparse.Namespace, *, title: str) ->
         print(FINISHED.format(out=args.out), file=sys.stderr)
         return
     state = sources.read_weights(args.weights) if args.weights else None
-    data = sources.load_data(args)
-    classes = len(data.train.classes)
-    model = build_model(num_classes=classes)
-    if state is not None:
-        fit_weights(model, state, args.weights, hint=f"Pass the --arch it was saved from (the number of classes, "
-                                                      f"{classes}, comes from --data).")
-    else:
-        model = baseline(model, data, args.out, args.baseline_epochs, opts)
-    result = run(model.eval(), data, args.out, opts, title=title, source=source)
+    with contextlib.closing(_engine(opts)) as engine:  # an unreachable --scheduler fails before the data load
+        data = sources.load_data(args)
+        classes = len(data.train.classes)
+        model = build_model(num_classes=classes)
+        if state is not None:
+            fit_weights(model, state, args.weights, hint=f"Pass the --arch it was saved from (the number of "
+                                                          f"classes, {classes}, comes from --data).")
+        else:
+            model = baseline(model, data, args.out, args.baseline_epochs, opts)
+        result = run(model.eval(), data, args.out, opts, title=title, source=source, map=engine)
     print(summary_lines(result, Path(args.out)))
 
 
@@ -262,12 +290,14 @@ def prune_saved_model(args: argparse.Namespace) -> None:
         print(FINISHED.format(out=args.out), file=sys.stderr)
         return
     model = sources.load_model_file(args.model, trust=args.trust_pickle, purpose="prune")
-    data = sources.load_data(args)
-    shape = tuple(data.train.images.shape[1:])
-    if args.input_shape and tuple(args.input_shape) != shape:
-        raise ConfigError(f"{','.join(map(str, args.input_shape))} does not match the data's images "
-                          f"({','.join(map(str, shape))}); resize the data or fix --input-shape",
-                          setting="input_shape")
-    sources.check_outputs(model, data, args.model)
-    result = run(model, data, args.out, opts, title=f"evoprune: {Path(args.model).name}", source=source)
+    with contextlib.closing(_engine(opts)) as engine:  # an unreachable --scheduler fails before the data load
+        data = sources.load_data(args)
+        shape = tuple(data.train.images.shape[1:])
+        if args.input_shape and tuple(args.input_shape) != shape:
+            raise ConfigError(f"{','.join(str(d) for d in args.input_shape)} does not match the data's images "
+                              f"({','.join(str(d) for d in shape)}); resize the data or fix --input-shape",
+                              setting="input_shape")
+        sources.check_outputs(model, data, args.model)
+        result = run(model, data, args.out, opts, title=f"evoprune: {Path(args.model).name}", source=source,
+                     map=engine)
     print(summary_lines(result, Path(args.out)))

@@ -17,6 +17,8 @@ from typing import Any, Callable
 
 import torch
 
+from .data import parse_normalization
+from .engines import EXECUTORS, check_executor
 from .errors import ConfigError
 from .config import METHODS, SearchConfig
 from .runtime import RUNTIMES
@@ -135,6 +137,20 @@ class JobOptions(SearchConfig):
         "--recal-batches", "training batches for BN re-calibration before scoring; 0 turns it off"))
     batch_size: int = 64
     device: str = field(default="cpu", metadata=flag("--device", "cpu or cuda"))
+    normalize: str = field(default="data", metadata=flag(
+        "--normalize", "input normalisation: data (the data's mean/std: CIFAR-10's, which the shipped models expect), "
+                       "train (computed from the training images), or MEAN/STD per channel, e.g. "
+                       "0.5,0.5,0.5/0.25,0.25,0.25", metavar="{data,train,MEAN/STD}"))
+    executor: str | None = field(default=None, metadata=flag(
+        "--executor", "where fitness calls run: serial, scoop (the default under python -m scoop), processes (a "
+                      "process pool on this machine) or dask (a local cluster, or --scheduler's); default: scoop "
+                      "under python -m scoop, else serial", choices=EXECUTORS))
+    scheduler: str | None = field(default=None, metadata=flag(
+        "--scheduler", "with --executor dask: the address of a running Dask scheduler (e.g. tcp://10.0.0.5:8786, as "
+                       "dask-jobqueue prints it); default: a local cluster", metavar="ADDRESS"))
+    workers: int | None = field(default=None, metadata=flag(
+        "--workers", "worker processes of --executor processes or of a local dask cluster (default: the CPUs)",
+        metavar="N", type=int))
     resume: bool = field(default=True, metadata=flag(
         "--no-resume", "start over: delete the checkpoint in --out instead of resuming it (a resumed run must use "
                        "the same settings; --device may change)", negated=True))
@@ -159,6 +175,8 @@ class JobOptions(SearchConfig):
             raise ConfigError(f"must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}", setting="device")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"is {self.device!r}, but torch sees no CUDA device; use cpu", setting="device")
+        parse_normalization(self.normalize)
+        check_executor(self.executor, self.scheduler, self.workers)
         super().check()
 
     def search_config(self) -> SearchConfig:

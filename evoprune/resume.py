@@ -28,7 +28,7 @@ from .progress import status
 from .storage import write_json
 
 #: Settings that may change between a run and its resume: they do not change the result.
-RESUMABLE_CHANGES = frozenset({"device", "resume"})
+RESUMABLE_CHANGES = frozenset({"device", "resume", "executor", "scheduler", "workers"})  # where, not what
 JOB_FILE = "job.json"
 JOB_FORMAT = 1
 CHECKPOINT_DIR = "checkpoint"

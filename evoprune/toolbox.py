@@ -27,7 +27,7 @@ from deap import base, creator, tools
 from . import operators as ops
 from .errors import ConfigError, check_probability
 from .importance import ranks as importance_ranks
-from .parallel import parallel_map
+from .engines import default_map
 from .space import PruningSpace
 
 FITNESS = "EvoPruneFitness"
@@ -238,6 +238,6 @@ builtin).
         budget = next((b for b in (latency_budget, macs_budget) if b is not None), float("inf"))
         toolbox.register("select", ops.sel_budget, budget=budget)
     toolbox.register("evaluate", _RepairingEvaluate(evaluate, fix))
-    toolbox.register("map", _repairing_map(map or parallel_map(), fix))
+    toolbox.register("map", _repairing_map(map or default_map(), fix))
     toolbox.p_c, toolbox.p_mut, toolbox.elites, toolbox.space = p_c, p_mut, elites, space
     return toolbox

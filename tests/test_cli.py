@@ -103,6 +103,21 @@ def test_prune_arch_tiny_on_an_imagefolder(imagefolder, tmp_path, capsys):
     assert "final   : top-1" in out
 
 
+def test_prune_with_a_given_normalization_records_it(imagefolder, tmp_path, capsys):
+    """--normalize MEAN/STD: the job scores, fine-tunes and reports with it, and the model card says so."""
+    code, out, err = run(capsys, "prune", "--arch", "tiny", "--data", imagefolder, "--out", tmp_path / "run",
+                         "--baseline-epochs", "1", "--normalize", "0.5,0.5,0.5/0.25,0.25,0.25", *TINY_SEARCH)
+    assert code == 0, err
+    card = json.loads((tmp_path / "run" / "round1.json").read_text())
+    assert card["normalization"] == {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["settings"]["normalize"] == "0.5,0.5,0.5/0.25,0.25,0.25"
+    # the same run with the data's own (CIFAR-10) statistics is another job: resuming into it is refused
+    code, _, err = run(capsys, "prune", "--arch", "tiny", "--data", imagefolder, "--out", tmp_path / "run",
+                       "--baseline-epochs", "1", *TINY_SEARCH)
+    assert code == 2 and "--normalize" in err, err
+
+
 def test_prune_a_saved_whole_model_with_trust(imagefolder, saved_tiny, tmp_path, capsys):
     code, out, err = run(capsys, "prune", "--model", saved_tiny, "--trust-pickle", "--input-shape", "3,16,16",
                          "--data", imagefolder, "--out", tmp_path / "run", "--no-kd", *TINY_SEARCH)
@@ -437,6 +452,7 @@ def test_inspect_flag_combinations(argv, message, tmp_path, capsys):
     ("--elites", "0", "elites"), ("--rounds", "0", "rounds"), ("--generations", "0", "generations"),
     ("--target-macs", "1.5", "target"), ("--score-samples", "3", "score_samples"),
     ("--recal-batches", "-1", "recal_batches"), ("--finetune-epochs", "-2", "finetune_epochs"),
+    ("--normalize", "1,2/3", "normalize"), ("--normalize", "0.5/0", "normalize"),
 ])
 def test_setting_errors_name_the_flag_not_the_python_name(flag, value, name, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sources, "load_data", lambda args: pytest.fail("the data were loaded"))
@@ -454,11 +470,33 @@ def test_setting_errors_name_the_flag_not_the_python_name(flag, value, name, tmp
     (["train", "--arch", "tiny", "--data", "demo:quick", "--out", "{tmp}/w.pt", "--lr", "0"], "--lr"),
     (["evaluate", "--model", "{tmp}/m.pt", "--data", "demo:quick", "--batch-size", "0"], "--batch-size"),
     (["evaluate", "--model", "{tmp}/m.pt", "--data", "demo:quick", "--device", "gpu0"], "--device"),
+    (["evaluate", "--model", "{tmp}/m.pt", "--data", "demo:quick", "--normalize", "cifar"], "--normalize"),
 ])
 def test_other_commands_name_their_flags(argv, flag, tmp_path, capsys):
     line = fails_with(capsys, [a.format(tmp=tmp_path) for a in argv], code=2)
     assert line.startswith(f"error: {flag} ")
     assert not list(tmp_path.iterdir())
+
+
+def test_engine_flags_are_checked_before_the_data_load(tmp_path, capsys, monkeypatch):
+    import importlib.util
+    import time
+    monkeypatch.setattr(sources, "load_data", lambda args: pytest.fail("the data were loaded"))
+    base = ["prune", "--arch", "tiny", "--data", "demo:quick", "--out", tmp_path / "run"]
+    line = fails_with(capsys, base + ["--scheduler", "tcp://10.0.0.5:8786"], code=2)
+    assert line.startswith("error: --scheduler ") and "dask" in line
+    line = fails_with(capsys, base + ["--executor", "processes", "--workers", "0"], code=2)
+    assert line.startswith("error: --workers ")
+    real = importlib.util.find_spec
+    with monkeypatch.context() as m:
+        m.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "distributed" else real(name, *a))
+        line = fails_with(capsys, base + ["--executor", "dask"], code=2)
+    assert line.startswith("error: --executor ") and "evoprune[dask]" in line
+    if importlib.util.find_spec("distributed") is not None:  # the dask extra is in [dev]: CI has it
+        t0 = time.perf_counter()
+        line = fails_with(capsys, base + ["--executor", "dask", "--scheduler", "tcp://127.0.0.1:9"], code=1)
+        assert "tcp://127.0.0.1:9" in line and time.perf_counter() - t0 < 30
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_library_config_error_keeps_its_python_name():

@@ -23,7 +23,7 @@ from evoprune.data import normalize
 from evoprune.fitness import Evaluator
 from evoprune.importance import ranks as to_ranks
 from evoprune.evolve import search
-from evoprune.parallel import parallel_map
+from evoprune.engines import default_map
 from evoprune.toolbox import creator_types, register
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -267,7 +267,7 @@ def test_creator_types_are_created_once():
     f2, i2 = creator_types()
     assert f1 is f2 and i1 is i2 and f1.weights == (1.0, -1.0)
     assert issubclass(i1, list)
-    assert parallel_map() is map
+    assert default_map() is map
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints

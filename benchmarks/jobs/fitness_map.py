@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from evoprune import PruningSpace, operators as ops  # noqa: E402
 from evoprune.fitness import Evaluator  # noqa: E402
 from evoprune.models import vgg16_bn_cifar  # noqa: E402
-from evoprune.parallel import parallel_map  # noqa: E402
+from evoprune.engines import default_map  # noqa: E402
 from evoprune.toolbox import creator_types  # noqa: E402
 
 
@@ -43,7 +43,7 @@ def main():
         ind = ops.init_random(ind_cls, space.layout, (0.4, 0.9), conn_keep=1.0)
         ops.repair(ind, space, ranks, macs_budget=0.5 * space.base_macs, fill=0.98)
         plans.append(ind)
-    mapper = parallel_map()
+    mapper = default_map()
     list(mapper(evaluator, plans[:2]))  # publish the state and warm every process up
     t0 = time.perf_counter()
     results = list(mapper(evaluator, plans[2:]))

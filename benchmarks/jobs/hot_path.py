@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from deap import base
 
+import evoprune
 from evoprune import PruningSpace, apply_plan, masked
 from evoprune.evolve import vary
 from evoprune.fitness import Evaluator, FitnessConfig
@@ -25,10 +26,9 @@ from evoprune.importance import channel_importance
 from evoprune.models import load_weights, vgg16_bn_cifar
 from evoprune.toolbox import register
 
-try:  # the direct-slicing surgery the fitness path uses since issue 12; apply_plan before
-    from evoprune.surgery import slice_plan as fitness_surgery
-except ImportError:
-    fitness_surgery = None
+# the direct-slicing surgery the fitness path uses since issue 12; apply_plan before. (Not ``from evoprune.slicing
+# import ...``: an editable install's finder would fetch that module from the installed tree into an older one.)
+fitness_surgery = getattr(evoprune, "slice_plan", None)
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 
@@ -102,7 +102,7 @@ def main():
         "decode": median_time(lambda: space.decode(genes), args.repeat * 3),
         "analytic_cost": median_time(lambda: space.cost(plan, validate=False), args.repeat * 3),
         "surgery": median_time(lambda: surgery(model, plan, x[:1], **kw) if surgery is apply_plan
-                               else surgery(model, plan, space), args.repeat),
+                               else surgery(model, plan, space, validate=False), args.repeat),
         "surgery_kind": "apply_plan" if surgery is apply_plan else "slice_plan",
     }
 

@@ -14,10 +14,11 @@ from .batching import augment, batches, normalize, num_batches
 from .decoding import decode_images, default_cache_dir
 from .generated import synthetic
 from .loading import ACCEPTED_FORMS, load_images, load_torchvision_cifar10
-from .sets import CIFAR10_STATS, ChannelStats, ImageData, ImageSet, channel_stats
+from .sets import (CIFAR10_STATS, NORMALIZATIONS, ChannelStats, ImageData, ImageSet, channel_stats, normalized,
+                   parse_normalization)
 
 __all__ = [
     "ACCEPTED_FORMS", "CIFAR10_STATS", "ChannelStats", "ImageData", "ImageSet", "augment", "batches", "channel_stats",
-    "decode_images", "default_cache_dir", "load_images", "load_torchvision_cifar10", "normalize", "num_batches",
-    "synthetic",
+    "decode_images", "default_cache_dir", "load_images", "load_torchvision_cifar10", "normalize", "normalized", "num_batches",
+    "parse_normalization", "NORMALIZATIONS", "synthetic",
 ]

@@ -247,3 +247,29 @@ class ImageData(NamedTuple):
         shape = "x".join(str(d) for d in self.train.images.shape[1:])
         return (f"{len(self.train)} train + {len(self.val)} val images ({shape}, "
                 f"{len(self.train.classes)} classes)")
+
+
+NORMALIZATIONS = ("data", "train")
+
+
+def parse_normalization(spec: str) -> "ChannelStats | str":
+    """A normalisation setting: ``"data"`` (the data's own statistics, CIFAR-10's unless set), ``"train"`` (computed
+    from the training images) or ``"M1,M2,M3/S1,S2,S3"`` (a mean and std per channel). :class:`ConfigError`
+    (``setting="normalize"``) for anything else."""
+    if spec in NORMALIZATIONS:
+        return spec
+    try:
+        mean, std = (tuple(float(v) for v in part.split(",")) for part in str(spec).split("/"))
+        return ChannelStats(mean, std)
+    except (ValueError, ConfigError) as exc:
+        detail = f" ({exc})" if isinstance(exc, ConfigError) else ""
+        raise ConfigError(f"must be data, train or MEAN/STD as comma-separated values per channel (e.g. "
+                          f"0.5,0.5,0.5/0.25,0.25,0.25), got {spec!r}{detail}", setting="normalize") from None
+
+
+def normalized(data: "ImageData", spec: str) -> "ImageData":
+    """``data`` with the statistics a normalisation setting names (:func:`parse_normalization`)."""
+    stats = parse_normalization(spec)
+    if stats == "data":
+        return data
+    return data.with_train_stats() if stats == "train" else data.with_stats(stats)

@@ -1,6 +1,6 @@
 """A small, complete search used by the subprocess tests (resume after SIGKILL, SCOOP workers).
 
-    python tests/jobs/tiny_search.py OUT_DIR [--scoop-trace] [--generations G]
+    python tests/jobs/tiny_search.py OUT_DIR [--scoop-trace] [--generations G] [--executor E --workers N]
     python -m scoop -n 2 tests/jobs/tiny_search.py OUT_DIR --scoop-trace
 
 Trains (once, cached in OUT_DIR/weights.pt) a tiny CNN on generated data, runs a 2-round search with a checkpoint
@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from evoprune.data import normalize, synthetic
+from evoprune.engines import make_map
 from evoprune.fitness import FitnessConfig
 from evoprune.models import tiny_cnn
 from evoprune.evolve import search
@@ -41,6 +42,9 @@ def main():
     p.add_argument("--trace", action="store_true", help="write per-process evaluation logs into OUT/trace")
     p.add_argument("--no-checkpoint", action="store_true")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--executor", default=None, help="serial, scoop, processes or dask (default: SCOOP's map under "
+                                                    "python -m scoop, else serial)")
+    p.add_argument("--workers", type=int, default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -61,10 +65,15 @@ def main():
     if args.trace:
         trace = out / "trace"
         trace.mkdir(exist_ok=True)
-    result = search(model, x[:1], x, y, recal_x=recal, rounds=args.rounds, generations=args.generations,
-                    population=10, elites=3, target=0.2, seed=7, verbose=False, progress=False,
-                    fitness=FitnessConfig(trace_dir=str(trace) if trace else None),
-                    checkpoint_dir=None if args.no_checkpoint else str(out / "checkpoint"))
+    engine = make_map(args.executor, workers=args.workers)
+    try:
+        result = search(model, x[:1], x, y, recal_x=recal, rounds=args.rounds, generations=args.generations,
+                        population=10, elites=3, target=0.2, seed=7, verbose=False, progress=False,
+                        fitness=FitnessConfig(trace_dir=str(trace) if trace else None),
+                        checkpoint_dir=None if args.no_checkpoint else str(out / "checkpoint"), map=engine)
+    finally:
+        if hasattr(engine, "close"):
+            engine.close()
     write_json(out / "result.json", {"plans": result.plans, "logbook": list(result.logbook),
                                      "scores": [r["search_score"] for r in result.rows],
                                      "macs": [r["macs"] for r in result.rows]})
