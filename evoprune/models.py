@@ -1,4 +1,5 @@
-"""CIFAR-sized CNNs: VGG-BN, ResNet-18 and a tiny test network, plus strict weight loading.
+"""Models: the CIFAR-sized CNNs (VGG-BN, ResNet-18, a tiny test network), strict weight loading, and the checks
+every model passes before evoprune uses it (:func:`check_finite`, :func:`check_forward`).
 
 Every builder returns a freshly initialised ``nn.Module`` whose layout matches the checkpoints evoprune ships with
 (``vgg16_bn_cifar`` loads ``shared/models/vgg16_bn_cifar10.pt`` with ``strict=True``). Models take RGB images scaled

@@ -1,7 +1,7 @@
 """The DEAP face of evoprune: register chromosome types and operators on a ``deap.base.Toolbox``.
 
 After ``register(toolbox, space, evaluate, macs_budget=...)`` the toolbox has ``individual``, ``population``,
-``mate``, ``mutate``, ``select``, ``evaluate``, ``map`` and ``repair``, so stock DEAP algorithms
+``mate``, ``mutate``, ``select``, ``evaluate``, ``map``, ``repair`` and ``settle``, so stock DEAP algorithms
 (``algorithms.eaSimple``, ``eaMuPlusLambda``) or a loop of your own work unchanged. ``individual`` (hence
 ``population``) and ``mutate`` are decorated with :func:`evoprune.operators.repair`, so new individuals and
 offspring always respect ``min_keep``, ``round_to`` and the budget. Each child is repaired once: ``mate`` marks its

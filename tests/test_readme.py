@@ -10,7 +10,9 @@ beside it), so a block may use what an earlier one wrote (the deployment snippet
 * A block preceded by ``<!-- readme-test: parse -->`` holds runs of hours: its commands are parsed by the real
   parsers and settings checks (so every flag and value must be valid), not run. ``<!-- readme-test: smoke -->``
   marks the CIFAR smoke run (real data from ../shared, slow). ``<!-- readme-test: slurm -->`` runs the SLURM
-  script's shell lines with a stand-in ``scontrol`` and parses its scoop command.
+  script's shell lines with a stand-in ``scontrol`` and parses its scoop command. ``<!-- readme-test: jobqueue -->``
+  runs the dask-jobqueue script with a stand-in ``dask_jobqueue`` whose ``SLURMCluster`` is a 2-worker
+  ``LocalCluster`` (everything but SLURM is real).
 """
 from __future__ import annotations
 
@@ -165,6 +167,35 @@ def test_slurm_script_writes_a_scoop_hostfile(tmp_path):
     for cmd in commands(code):
         if cmd.startswith("python "):
             parse_command(cmd)
+
+
+FAKE_JOBQUEUE = """
+import distributed
+
+
+class SLURMCluster(distributed.LocalCluster):
+    \"\"\"Stands in for dask_jobqueue.SLURMCluster: two local one-thread workers, no SLURM.\"\"\"
+
+    def __init__(self, **kwargs):
+        assert {"cores", "processes", "memory", "walltime"} <= set(kwargs), kwargs
+        super().__init__(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+
+    def scale(self, n=None, jobs=0, **kwargs):
+        assert jobs >= 1
+"""
+
+
+@pytest.mark.slow
+def test_dask_jobqueue_script_runs_on_a_local_cluster(tmp_path):
+    pytest.importorskip("distributed", reason="the dask extra is in [dev]; CI installs it")
+    (code,) = blocks("python", "jobqueue")
+    (tmp_path / "dask_jobqueue.py").write_text(FAKE_JOBQUEUE)
+    (tmp_path / "search_on_slurm.py").write_text(code)
+    e = dict(env(), PYTHONPATH=os.pathsep.join([str(tmp_path), env()["PYTHONPATH"]]))
+    r = subprocess.run([sys.executable, "search_on_slurm.py"], cwd=tmp_path, env=e, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "1 round on 2 Dask workers: 50 % of the MACs" in r.stdout, r.stdout + r.stderr[-2000:]
 
 
 @pytest.mark.slow
