@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import multiprocessing
+import pickle
 import random
 from typing import Any, Callable
 
@@ -73,8 +74,12 @@ def _published() -> dict[str, Any]:
     return {t: p for t, p in _PUBLISHED.items() if t in _OWNED}
 
 
-def _install(payloads: dict, threads: int = 1) -> None:
-    """In a worker process: hold ``payloads`` (and no state of another round), with ``threads`` torch threads."""
+def _install(payloads: dict | bytes, threads: int = 1) -> None:
+    """In a worker process: hold ``payloads`` (and no state of another round), with ``threads`` torch threads.
+    Bytes are unpickled here: the process pool passes them so, because multiprocessing's pickler would put the
+    tensors in memory shared by every worker, and scoring re-calibrates BatchNorm statistics in place."""
+    if isinstance(payloads, bytes):
+        payloads = pickle.loads(payloads)
     for token in [t for t in _PUBLISHED if t not in payloads and t not in _OWNED]:
         del _PUBLISHED[token]
     for token, payload in payloads.items():
@@ -107,7 +112,20 @@ def default_map() -> Callable:
 
 
 # ------------------------------------------------------------------------------------------ processes
-class ProcessMap:
+class _Closing:
+    """``with engine as m: ...`` closes the engine on exit."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class ProcessMap(_Closing):
     """``map`` on a ``concurrent.futures.ProcessPoolExecutor`` of ``workers`` processes (spawned: safe with torch's
     thread pools). The pool starts on the first call and again whenever the published fitness state changed (a new
     round's evaluator), so each worker receives each state once, through the pool's initializer. ``close()`` (or a
@@ -124,7 +142,7 @@ class ProcessMap:
         if self._pool is None or tuple(state) != self._tokens:
             self.close()
             self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                                initializer=_install, initargs=(state,))
+                                                initializer=_install, initargs=(pickle.dumps(state),))
             self._tokens = tuple(state)
         return self._pool.map(fn, *iterables)
 
@@ -132,12 +150,6 @@ class ProcessMap:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def __repr__(self):
         return f"ProcessMap({self.workers} workers)"
@@ -166,7 +178,7 @@ def _worker_version() -> str:
     return _version.__version__
 
 
-class DaskMap:
+class DaskMap(_Closing):
     """``map`` on a Dask ``distributed`` cluster: ``scheduler`` (an address such as ``tcp://10.0.0.5:8786``), or a
     ``LocalCluster`` of ``workers`` processes with one thread each. Results come back in order; a task whose worker
     dies is re-run on another (Dask's ``allowed-failures``), so a generation completes and each individual gets one
@@ -191,6 +203,7 @@ class DaskMap:
                                                      threads_per_worker=1, processes=True, dashboard_address=None)
             self.client = distributed.Client(self._cluster)
         self._futures: dict[str, Any] = {}
+        self._checked: set[str] = set()
         try:
             self.check_versions()
         except EngineError:
@@ -198,8 +211,10 @@ class DaskMap:
             raise
 
     def check_versions(self) -> None:
-        """:class:`EngineError` naming both versions if a worker runs another evoprune than this process."""
+        """:class:`EngineError` naming both versions if a worker runs another evoprune than this process. Run at
+        the start and again before a map when workers have joined since (a batch system scaling up)."""
         theirs = self.client.run(_worker_version)
+        self._checked = set(theirs)
         other = {addr: v for addr, v in theirs.items() if v != __version__}
         if other:
             addr, version = next(iter(other.items()))
@@ -222,6 +237,8 @@ class DaskMap:
         # work stealing): the search's random stream (DEAP's) is put back as it was once the map is done, so that
         # a seeded search gives the same plans as a serial one.
         state = random.getstate(), np.random.get_state()
+        if set(self.client.scheduler_info()["workers"]) - self._checked:
+            self.check_versions()
         payloads = self._sync()
         futures = self.client.map(_dask_task, *iterables, fn=fn, payloads=payloads, pure=False)
         return _results(futures, state)
@@ -235,12 +252,6 @@ class DaskMap:
         if self._cluster is not None:
             self._cluster.close()
             self._cluster = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def __repr__(self):
         return f"DaskMap({self.client.scheduler.address})"

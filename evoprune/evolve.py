@@ -171,7 +171,11 @@ class Search:
             return rnd
         self.result.evaluated.append(rnd.evaluated)
         rnd.population = toolbox.population(config.population if config.method == "ga" else config.evaluations())
-        self.evaluate(rnd, rnd.population, gen=0)
+        try:
+            self.evaluate(rnd, rnd.population, gen=0)
+        except BaseException:
+            evaluator.release()
+            raise
         return rnd
 
     def generation(self, rnd: Round) -> None:
@@ -319,15 +323,18 @@ def search(model: nn.Module, example_inputs: torch.Tensor, score_x: torch.Tensor
             rnd = run.start_round(k)
             while rnd.gen < rnd.last_gen:
                 run.generation(rnd)
-            run.finish_round(rnd)
+            run.finish_round(rnd)      # also releases the round's evaluator
         return run.result
     """
     run = Search(model, example_inputs, score_x, score_y, **kwargs)
     for k in run.rounds():
         rnd = run.start_round(k)
-        while rnd.gen < rnd.last_gen:
-            run.generation(rnd)
-        run.finish_round(rnd)
+        try:
+            while rnd.gen < rnd.last_gen:
+                run.generation(rnd)
+            run.finish_round(rnd)
+        finally:  # a failed round frees its fitness state too (engines ship every published one)
+            rnd.evaluator.release()
     run.result.model = run.current
     return run.result
 
