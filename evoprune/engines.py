@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import multiprocessing
+import os
 import pickle
 import random
+import time
 from typing import Any, Callable
 
 import numpy as np
@@ -112,6 +114,11 @@ def default_map() -> Callable:
 
 
 # ------------------------------------------------------------------------------------------ processes
+def _pid_after(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
 class _Closing:
     """``with engine as m: ...`` closes the engine on exit."""
 
@@ -127,9 +134,9 @@ class _Closing:
 
 class ProcessMap(_Closing):
     """``map`` on a ``concurrent.futures.ProcessPoolExecutor`` of ``workers`` processes (spawned: safe with torch's
-    thread pools). The pool starts on the first call and again whenever the published fitness state changed (a new
-    round's evaluator), so each worker receives each state once, through the pool's initializer. ``close()`` (or a
-    ``with`` block) shuts it down."""
+    thread pools). The pool starts, all its processes at once, on the first call and again whenever the published
+    fitness state changed (a new round's evaluator), so each worker receives each state once, through the pool's
+    initializer. ``close()`` (or a ``with`` block) shuts it down."""
 
     def __init__(self, workers: int | None = None):
         check_executor("processes", None, workers)
@@ -144,7 +151,16 @@ class ProcessMap(_Closing):
             self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
                                                 initializer=_install, initargs=(pickle.dumps(state),))
             self._tokens = tuple(state)
+            self._start_all()
         return self._pool.map(fn, *iterables)
+
+    def _start_all(self, timeout: float = 300.0) -> None:
+        """Wait until every worker process is up. The pool spawns processes on demand (one per task submitted while
+        none is idle), and each imports torch and unpickles the state: left alone, some would still be starting
+        during the first maps, taking the CPU from the fitness calls and running fewer of them at once."""
+        seen, deadline = set(), time.monotonic() + timeout
+        while len(seen) < self.workers and time.monotonic() < deadline:
+            seen.update(self._pool.map(_pid_after, [0.05] * self.workers))
 
     def close(self) -> None:
         if self._pool is not None:

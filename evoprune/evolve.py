@@ -38,10 +38,11 @@ from .export import layer_widths, model_bytes
 from .fitness import Evaluator, FitnessConfig, recalibrate_bn, reference_score
 from .importance import channel_importance
 from .latency import LatencyTable, LatencyWarning
+from .models import output_classes
 from .operators import sel_budget
 from .plan import PruningPlan
 from .progress import bar, status
-from .result import SearchResult
+from .result import SearchResult, hypervolume
 from .runtime import kernel_step
 from .runtime import measure as measure_latency
 from .space import PruningSpace
@@ -124,7 +125,7 @@ class Search:
             self.total, self.target = self.table0.base_ms, config.target / self.table0.base_ms
         else:  # from the original MACs/params to the target fraction of them
             self.total, self.target = baseline[config.target_kind], config.target
-        self.ref_score = reference_score(fitness.metric, _num_classes(model, example_inputs, score_y))
+        self.ref_score = reference_score(fitness.metric, output_classes(model, example_inputs, score_y))
         self.state = ckpt.load(checkpoint_dir, fingerprint=self.space0.fingerprint, settings=self.settings) \
             if checkpoint_dir else None
         self.start = 1
@@ -392,32 +393,6 @@ def _init_cut(config) -> float:
     if config.init_cut is not None:
         return config.init_cut
     return 0.2 if config.target_kind == "latency" else 0.0
-
-
-def _num_classes(model, example_inputs, score_y) -> int:
-    """Classes of the task: the model's output width (labels as a fallback)."""
-    was_training = model.training
-    try:
-        with torch.no_grad():
-            out = model.eval()(example_inputs)
-    finally:
-        model.train(was_training)
-    if isinstance(out, torch.Tensor) and out.dim() == 2:
-        return int(out.shape[1])
-    return int(torch.as_tensor(score_y).max()) + 1
-
-
-def hypervolume(population, base_macs, ref_score: float = 0.0) -> float:
-    """Hypervolume of (score up, cost fraction down) against the reference point (``ref_score``, cost fraction 1);
-    ``base_macs`` is the unpruned model's cost (MACs, or ms for a latency objective).
-
-    ``ref_score`` is :func:`evoprune.fitness.reference_score`: top-1 0, or minus the chance-level loss
-    ``-ln(classes)`` under ``metric="loss"`` (scores there are minus a loss, so a reference of 0 would leave every
-    point outside). Points no better than the reference, or not cheaper than the base model, add nothing."""
-    import moocore
-    pts = np.array([(-ind.fitness.values[0], ind.fitness.values[1] / base_macs) for ind in population
-                    if ind.fitness.values[0] > ref_score and ind.fitness.values[1] < base_macs])
-    return float(moocore.hypervolume(pts, ref=[-ref_score, 1.0])) if len(pts) else 0.0
 
 
 def _choose(candidates, feasible, cost_budget):

@@ -228,3 +228,15 @@ def check_forward(model: nn.Module, x: torch.Tensor, hint: str = "") -> torch.Te
                          "forward returns one tensor (wrap it to select the logits)")
     return out
 
+
+def output_classes(model: nn.Module, example_inputs: torch.Tensor, labels=None) -> int:
+    """Classes of the task: the model's output width (the largest label + 1 as a fallback)."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(example_inputs)
+    finally:
+        model.train(was_training)
+    if isinstance(out, torch.Tensor) and out.dim() == 2:
+        return int(out.shape[1])
+    return int(torch.as_tensor(labels).max()) + 1

@@ -1,7 +1,10 @@
-"""SearchResult: what a search returns, one row per round in the columns of the paper's Tables 2, 3 and 5."""
+"""SearchResult: what a search returns, one row per round in the columns of the paper's Tables 2, 3 and 5, and the
+hypervolume of its (score, cost) fronts."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import numpy as np
 
 import torch.nn as nn
 from deap import tools
@@ -58,3 +61,16 @@ class SearchResult:
 
 def _fmt(x):
     return "-" if x is None else f"{x:.4f}"
+
+
+def hypervolume(population, base_macs, ref_score: float = 0.0) -> float:
+    """Hypervolume of (score up, cost fraction down) against the reference point (``ref_score``, cost fraction 1);
+    ``base_macs`` is the unpruned model's cost (MACs, or ms for a latency objective).
+
+    ``ref_score`` is :func:`evoprune.fitness.reference_score`: top-1 0, or minus the chance-level loss
+    ``-ln(classes)`` under ``metric="loss"`` (scores there are minus a loss, so a reference of 0 would leave every
+    point outside). Points no better than the reference, or not cheaper than the base model, add nothing."""
+    import moocore
+    pts = np.array([(-ind.fitness.values[0], ind.fitness.values[1] / base_macs) for ind in population
+                    if ind.fitness.values[0] > ref_score and ind.fitness.values[1] < base_macs])
+    return float(moocore.hypervolume(pts, ref=[-ref_score, 1.0])) if len(pts) else 0.0
