@@ -23,6 +23,7 @@ from .toolbox import register
 __all__ = [
     "__version__", "EvoPruneError", "PlanError", "ConfigError", "DataError", "ModelError", "CheckpointError",
     "UntraceableWarning", "EvaluationError",
-    "PruningSpace", "ChannelGroup", "ConnectionUnit", "Layout", "PruningPlan", "apply_plan", "slice_plan", "masked", "export",
-    "model_card", "register", "search", "Search", "Round", "vary", "SearchConfig", "SearchResult", "Evaluator", "FitnessConfig",
+    "PruningSpace", "ChannelGroup", "ConnectionUnit", "Layout", "PruningPlan", "apply_plan", "slice_plan", "masked",
+    "export", "model_card", "register", "search", "Search", "Round", "vary", "SearchConfig", "SearchResult",
+    "Evaluator", "FitnessConfig",
 ]

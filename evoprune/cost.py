@@ -203,7 +203,8 @@ def _flatten_shapes(calls, params):
 
 def probe(work: nn.Module, dg, roots: Sequence[nn.Module], x: torch.Tensor, units=()) -> CostModel:
     """The cost model of ``work`` (a private copy, pruned here): remove one channel of each group (its root module
-    in ``roots``) in turn and read off the shape changes. ``units``: the connection units, whose layers a cut removes."""
+    in ``roots``) in turn and read off the shape changes. ``units``: the connection units, whose layers a cut
+    removes."""
     calls, params = _record(work, x)
     base = _flatten_shapes(calls, params)
     flops_by_module = tp.utils.count_ops_and_params(work, x, layer_wise=True)[2]

@@ -312,5 +312,5 @@ def make_map(executor: str | None = None, *, scheduler: str | None = None, worke
     return DaskMap(scheduler, workers)
 
 
-__all__ = ["EXECUTORS", "check_executor", "make_map", "ProcessMap", "DaskMap", "default_map", "under_scoop", "publish", "fetch",
-           "forget"]
+__all__ = ["EXECUTORS", "check_executor", "make_map", "ProcessMap", "DaskMap", "default_map", "under_scoop",
+           "publish", "fetch", "forget"]

@@ -19,6 +19,6 @@ from .sets import (CIFAR10_STATS, NORMALIZATIONS, ChannelStats, ImageData, Image
 
 __all__ = [
     "ACCEPTED_FORMS", "CIFAR10_STATS", "ChannelStats", "ImageData", "ImageSet", "augment", "batches", "channel_stats",
-    "decode_images", "default_cache_dir", "load_images", "load_torchvision_cifar10", "normalize", "normalized", "num_batches",
-    "parse_normalization", "NORMALIZATIONS", "synthetic",
+    "decode_images", "default_cache_dir", "load_images", "load_torchvision_cifar10", "normalize", "normalized",
+    "num_batches", "parse_normalization", "NORMALIZATIONS", "synthetic",
 ]
