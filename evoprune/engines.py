@@ -6,7 +6,7 @@
 * ``dask``: a Dask ``distributed`` cluster: a ``LocalCluster`` here, or an existing one (``scheduler=ADDRESS``,
   e.g. started by ``dask-jobqueue`` on SLURM/PBS/SGE/LSF). Needs ``pip install 'evoprune[dask]'``.
 
-:func:`make_map` builds one; ``register(..., map=...)`` and ``search(..., map=...)`` take any of them, or any other
+:func:`make_map` builds one (:func:`opened` also closes it); ``register(..., map=...)`` and ``search(..., map=...)`` take any of them, or any other
 DEAP-style map. Fitness state (the model and the scoring tensors of an :class:`evoprune.fitness.Evaluator`) is
 *published* here once per evaluator (:func:`publish`) and reaches each worker process once: ``scoop.shared`` under
 SCOOP, the pool's initializer for ``processes`` (the pool is re-created when the published state changes, i.e.
@@ -16,12 +16,13 @@ token and the individual: a few hundred bytes. Worker processes use one torch th
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import multiprocessing
 import os
 import pickle
 import random
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -312,5 +313,18 @@ def make_map(executor: str | None = None, *, scheduler: str | None = None, worke
     return DaskMap(scheduler, workers)
 
 
-__all__ = ["EXECUTORS", "check_executor", "make_map", "ProcessMap", "DaskMap", "default_map", "under_scoop",
+@contextlib.contextmanager
+def opened(executor: str | None = None, *, scheduler: str | None = None,
+           workers: int | None = None) -> Iterator[Callable]:
+    """``with opened("dask", workers=2) as m: search(..., map=m)``: :func:`make_map`, closed on exit (a process pool
+    or a Dask client and its local cluster; nothing for the builtin map or SCOOP's)."""
+    engine = make_map(executor, scheduler=scheduler, workers=workers)
+    try:
+        yield engine
+    finally:
+        if hasattr(engine, "close"):
+            engine.close()
+
+
+__all__ = ["EXECUTORS", "check_executor", "make_map", "opened", "ProcessMap", "DaskMap", "default_map", "under_scoop",
            "publish", "fetch", "forget"]

@@ -134,12 +134,8 @@ class Evaluator:
     def release(self):
         """Free this evaluator's state in this process. Worker processes free theirs when they load a newer
         evaluator's (they keep at most :data:`MAX_WORKERS`)."""
-        _forget(self.token)
-
-
-def _forget(token: str) -> None:
-    _WORKERS.pop(token, None)
-    forget(token)
+        _WORKERS.pop(self.token, None)
+        forget(self.token)
 
 
 def _worker(token: str) -> "_Worker":
@@ -155,10 +151,8 @@ def _worker(token: str) -> "_Worker":
     w = _WORKERS[token] = _Worker(payload)
     if not owned(token):  # a worker process: the loaded state is all it needs
         forget(token)
-    while len(_WORKERS) > MAX_WORKERS:  # an older round's model and cache
-        old, _ = _WORKERS.popitem(last=False)
-        if not owned(old):
-            forget(old)
+    while len(_WORKERS) > MAX_WORKERS:  # an older round's model and cache (its shared copy went at its load)
+        _WORKERS.popitem(last=False)
     return w
 
 

@@ -14,7 +14,6 @@ The settings are :class:`~evoprune.options.JobOptions` (re-exported here, with :
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import re
 import sys
@@ -27,7 +26,7 @@ import torch.nn as nn
 
 from . import resume, sources
 from .data import ImageData, ImageSet, normalize, normalized
-from .engines import make_map
+from .engines import opened
 from .errors import ConfigError
 from .evolve import search
 from .export import export
@@ -80,7 +79,7 @@ def run(model: nn.Module, data: ImageData, out_dir: str | Path, opts: JobOptions
     """
     opts.check()
     if map is None:
-        with contextlib.closing(_engine(opts)) as engine:
+        with _engine(opts) as engine:
             return run(model, data, out_dir, opts, title=title, verbose=verbose, source=source, map=engine)
     data = normalized(data, opts.normalize)
     out = Path(out_dir)
@@ -138,23 +137,9 @@ def run(model: nn.Module, data: ImageData, out_dir: str | Path, opts: JobOptions
                      skipped=skipped, settings=settings)
 
 
-class _Builtin:
-    """A closable wrapper of a map that holds nothing (serial, SCOOP's)."""
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __call__(self, fn, *iterables):
-        return self.fn(fn, *iterables)
-
-    def close(self):
-        pass
-
-
 def _engine(opts: JobOptions):
-    """The map ``opts`` asks for (:func:`evoprune.engines.make_map`), closable."""
-    engine = make_map(opts.executor, scheduler=opts.scheduler, workers=opts.workers)
-    return engine if hasattr(engine, "close") else _Builtin(engine)
+    """The map ``opts`` asks for, as a context that closes it (:func:`evoprune.engines.opened`)."""
+    return opened(opts.executor, scheduler=opts.scheduler, workers=opts.workers)
 
 
 def _recal_batches(train_set: ImageSet, opts: JobOptions) -> list[torch.Tensor]:
@@ -267,7 +252,7 @@ def prune_job(build_model: Callable, args: argparse.Namespace, *, title: str) ->
         print(FINISHED.format(out=args.out), file=sys.stderr)
         return
     state = sources.read_weights(args.weights) if args.weights else None
-    with contextlib.closing(_engine(opts)) as engine:  # an unreachable --scheduler fails before the data load
+    with _engine(opts) as engine:  # an unreachable --scheduler fails before the data load
         data = sources.load_data(args)
         classes = len(data.train.classes)
         model = build_model(num_classes=classes)
@@ -290,7 +275,7 @@ def prune_saved_model(args: argparse.Namespace) -> None:
         print(FINISHED.format(out=args.out), file=sys.stderr)
         return
     model = sources.load_model_file(args.model, trust=args.trust_pickle, purpose="prune")
-    with contextlib.closing(_engine(opts)) as engine:  # an unreachable --scheduler fails before the data load
+    with _engine(opts) as engine:  # an unreachable --scheduler fails before the data load
         data = sources.load_data(args)
         shape = tuple(data.train.images.shape[1:])
         if args.input_shape and tuple(args.input_shape) != shape:

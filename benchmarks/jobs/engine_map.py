@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from evoprune import PruningSpace, operators as ops
-from evoprune.engines import DaskMap, ProcessMap, default_map
+from evoprune.engines import default_map, opened
 from evoprune.fitness import Evaluator, FitnessConfig
 from evoprune.models import load_weights, tiny_cnn, vgg16_bn_cifar
 from evoprune.toolbox import creator_types
@@ -84,10 +84,8 @@ def main():
         ops.repair(ind, space, ranks, macs_budget=0.5 * space.base_macs, fill=0.98)
         plans.append(list(ind))
     t0 = time.perf_counter()
-    mapper = {"serial": lambda: map, "scoop": default_map, "processes": lambda: ProcessMap(args.workers),
-              "dask": lambda: DaskMap(workers=args.workers)}[args.engine]()
-    start_s = time.perf_counter() - t0
-    try:
+    with opened(args.engine, workers=args.workers if args.engine in ("processes", "dask") else None) as mapper:
+        start_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         results = mapper(evaluator, plans[:args.plans])
         next(iter(results))
@@ -101,9 +99,6 @@ def main():
         wall = time.perf_counter() - t0
         work = traced_seconds(trace)
         rss = [rss_mib(pid) for pid in worker_pids(args.engine, mapper)]
-    finally:
-        if hasattr(mapper, "close"):
-            mapper.close()
     out = {"engine": args.engine, "workers": args.workers, "model": args.model, "tasks": args.plans,
            "engine_start_s": start_s, "first_result_s": first_s, "cold_map_s": cold_s, "warm_map_s": wall,
            "fitness_work_s": work, "overhead_fraction": 1 - work / (args.workers * wall),

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from evoprune.data import normalize, synthetic
-from evoprune.engines import make_map
+from evoprune.engines import opened
 from evoprune.fitness import FitnessConfig
 from evoprune.models import tiny_cnn
 from evoprune.evolve import search
@@ -65,15 +65,11 @@ def main():
     if args.trace:
         trace = out / "trace"
         trace.mkdir(exist_ok=True)
-    engine = make_map(args.executor, workers=args.workers)
-    try:
+    with opened(args.executor, workers=args.workers) as engine:
         result = search(model, x[:1], x, y, recal_x=recal, rounds=args.rounds, generations=args.generations,
                         population=10, elites=3, target=0.2, seed=7, verbose=False, progress=False,
                         fitness=FitnessConfig(trace_dir=str(trace) if trace else None),
                         checkpoint_dir=None if args.no_checkpoint else str(out / "checkpoint"), map=engine)
-    finally:
-        if hasattr(engine, "close"):
-            engine.close()
     write_json(out / "result.json", {"plans": result.plans, "logbook": list(result.logbook),
                                      "scores": [r["search_score"] for r in result.rows],
                                      "macs": [r["macs"] for r in result.rows]})
