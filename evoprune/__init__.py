@@ -3,7 +3,7 @@
 model -> :class:`PruningSpace` (what can be pruned: :mod:`~evoprune.discover`, :mod:`~evoprune.cost`) -> individuals
 (:mod:`~evoprune.genome`: neuron + connection chromosomes) -> DEAP operators (:mod:`~evoprune.operators`) ->
 :func:`register` (the DEAP toolbox) -> :class:`Evaluator` (fitness) -> :func:`search` (:class:`Search`'s steps) ->
-:func:`apply_plan` (torch-pruning surgery) -> :func:`export`.
+:func:`apply_plan` (torch-pruning surgery) -> :func:`reconstruct` (the closed-form layer refit) -> :func:`export`.
 :mod:`evoprune.latency` (on :mod:`evoprune.runtime`) measures and predicts latency on the deployment runtime, for
 ``target_kind="latency"``.
 """
@@ -15,6 +15,7 @@ from .export import export, model_card
 from .fitness import Evaluator, FitnessConfig
 from .genome import Layout
 from .plan import PruningPlan
+from .reconstruct import ReconstructionWarning, TeacherGrams, reconstruct
 from .space import ChannelGroup, ConnectionUnit, PruningSpace
 from .slicing import slice_plan
 from .surgery import apply_plan, masked
@@ -25,5 +26,5 @@ __all__ = [
     "UntraceableWarning", "EvaluationError",
     "PruningSpace", "ChannelGroup", "ConnectionUnit", "Layout", "PruningPlan", "apply_plan", "slice_plan", "masked",
     "export", "model_card", "register", "search", "Search", "Round", "vary", "SearchConfig", "SearchResult",
-    "Evaluator", "FitnessConfig",
+    "Evaluator", "FitnessConfig", "reconstruct", "TeacherGrams", "ReconstructionWarning",
 ]

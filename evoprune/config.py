@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from .errors import ConfigError, check_probability
 from .importance import KINDS as IMPORTANCE_KINDS
+from .reconstruct import CALIB_IMAGES, METHODS as RECONSTRUCT_METHODS
 from .runtime import check_runtime
 from .toolbox import CROSSOVERS, MUTATIONS
 
@@ -43,6 +44,8 @@ class SearchConfig:
     threads: int = 1  # latency target: the runtime's intra-op threads
     snap: bool = True  # latency target: widths in multiples of the runtime's channel block (latency.kernel_step)
     init_cut: float | None = None  # share of residual units the GA's initial plans cut; None: 0.2 for latency
+    reconstruct: str = "lsq"  # each round's chosen model: "lsq" (least-squares refit), "bias" or "none" (B6)
+    calib_images: int = CALIB_IMAGES  # unlabeled images (the first of recal_x) the reconstruction fits on
 
     def evaluations(self) -> int:
         """The fitness evaluations of one round of the GA at most (the initial population, then ``population -
@@ -91,5 +94,10 @@ class SearchConfig:
             raise ConfigError(f"must be 'importance' or 'random', got {self.init!r}", setting="init")
         if self.method not in METHODS:
             raise ConfigError(f"must be one of {', '.join(METHODS)}, got {self.method!r}", setting="method")
+        if self.reconstruct not in RECONSTRUCT_METHODS:
+            raise ConfigError(f"must be one of {', '.join(RECONSTRUCT_METHODS)}, got {self.reconstruct!r}",
+                              setting="reconstruct")
+        if not isinstance(self.calib_images, int) or isinstance(self.calib_images, bool) or self.calib_images < 1:
+            raise ConfigError(f"must be an int >= 1, got {self.calib_images!r}", setting="calib_images")
         if self.importance not in IMPORTANCE_KINDS or self.importance == "taylor":
             raise ConfigError(f"must be one of l1, l2, bn, random, got {self.importance!r}", setting="importance")

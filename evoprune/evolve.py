@@ -42,6 +42,7 @@ from .models import output_classes
 from .operators import sel_budget
 from .plan import PruningPlan
 from .progress import bar, status
+from .reconstruct import calibration_subset, reconstruct
 from .result import SearchResult, hypervolume
 from .runtime import kernel_step
 from .runtime import measure as measure_latency
@@ -105,6 +106,10 @@ class Search:
                           "that the latency table does not time, so it under-predicts such plans (B5: 2.7x slower "
                           "on ResNet-18 at 0.85x the MACs)", LatencyWarning, stacklevel=3)
         self.space_kwargs = space_kwargs
+        if config.reconstruct != "none" and not recal_x:
+            raise ConfigError(f"reconstruct={config.reconstruct!r} needs calibration images: pass recal_x (training "
+                              "batches), or reconstruct='none'", setting="reconstruct")
+        self.calib_x = calibration_subset(recal_x, config.calib_images)
         self.settings = dict(vars(config))
         self.settings.update({f"fitness.{k}": v for k, v in vars(fitness).items() if k not in ("threads", "trace_dir")})
 
@@ -215,8 +220,13 @@ class Search:
         best = _choose(rnd.population + list(rnd.front), rnd.feasible, cost_budget)
         plan = rnd.space.decode(best)
         pruned = apply_plan(rnd.model, plan, self.example_inputs, space=rnd.space)
-        if fitness.bn_recalibration and self.recal_x:
-            recalibrate_bn(pruned, self.recal_x)
+        t_refit = time.perf_counter()
+        if config.reconstruct != "none":  # structural distillation from the round's unpruned model (B6)
+            pruned = reconstruct(rnd.model, pruned, plan, rnd.space, self.calib_x, config.reconstruct,
+                                 seed=config.seed, inplace=True)
+        t_refit = time.perf_counter() - t_refit
+        if fitness.bn_recalibration and self.recal_x and config.reconstruct != "lsq":
+            recalibrate_bn(pruned, self.recal_x)  # the refit targets the unpruned model's BN statistics (B6)
         top1_pruned = self.report(pruned) if self.report else None
         if self.finetune is not None:
             pruned = self.finetune(pruned, rnd.k)
@@ -228,7 +238,7 @@ class Search:
             "reduction_pct": 100.0 * (1 - row["params"] / base["params"]),
             "macs_pct": 100.0 * row["macs"] / base["macs"], "time_s": time.perf_counter() - rnd.t0,
             "evaluations": sum(r.get("evals", 0) for r in self.logbook if r["round"] == rnd.k),
-            "cut": list(plan.cut),
+            "cut": list(plan.cut), "reconstruct": config.reconstruct, "reconstruct_s": t_refit,
         })
         if self.timed:
             row["predicted_ms"] = rnd.table.predict(plan)

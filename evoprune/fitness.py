@@ -31,6 +31,7 @@ from .genome import check_genes, decode
 from .models import check_finite
 from .engines import fetch, forget, owned, publish, scoop_origin, under_scoop
 from .space import PruningSpace
+from .reconstruct import CALIB_IMAGES, TeacherGrams, calibration_subset
 from .slicing import slice_plan
 from .surgery import masked
 
@@ -66,6 +67,8 @@ class FitnessConfig:
     finetune_steps: int = 0  # >0: distil the unpruned model into each plan for this many steps before scoring
     cut_steps: int = 0  # >0: distil only plans that cut a connection unit, for this many steps (judges depth cuts)
     finetune_lr: float = 0.01
+    reconstruct: str = "none"  # "lsq": score each plan after a least-squares refit from the teacher's inputs (B6)
+    calib_images: int = CALIB_IMAGES  # reconstruct: the first images of recal_x the refit is fitted on
     trace_dir: str | None = None  # if set, each process appends one line per evaluation to evals-<pid>.log there
 
     def check(self):
@@ -83,6 +86,14 @@ class FitnessConfig:
                 raise ConfigError(f"{name} must be an int >= 0, got {v!r}")
             if v and not self.bn_recalibration:
                 raise ConfigError(f"{name} needs bn_recalibration (its batches are the fine-tuning data)")
+        if self.reconstruct not in ("none", "lsq"):
+            raise ConfigError(f"fitness reconstruct must be 'none' or 'lsq', got {self.reconstruct!r} (bias "
+                              "compensation changes nothing a BN re-calibration does not)", setting="reconstruct")
+        if self.reconstruct != "none" and not self.bn_recalibration:
+            raise ConfigError("fitness reconstruct needs the re-calibration batches as its calibration images; "
+                              "turn bn_recalibration on", setting="reconstruct")
+        if not isinstance(self.calib_images, int) or isinstance(self.calib_images, bool) or self.calib_images < 1:
+            raise ConfigError(f"must be an int >= 1, got {self.calib_images!r}", setting="calib_images")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError("device 'cuda' was asked for, but torch sees no CUDA device; use --device cpu")
 
@@ -176,6 +187,7 @@ class _Worker:
         self.targets = None  # the unpruned model's soft targets on the recal batches, for finetune_steps
         self.example = self.x[:1]
         self.latency = payload.get("latency")
+        self.grams = None  # TeacherGrams for reconstruct="lsq", collected at the first plan scored
         self.cache: OrderedDict[bytes, tuple[float, float]] = OrderedDict()  # at most CACHE_SIZE, LRU
         self.calls = 0
         self.hits = 0
@@ -243,6 +255,15 @@ class _Worker:
         if mode == "auto":
             mode = "physical" if macs < self.cfg.physical_below * self.space.base_macs else "masked"
         steps = self.cfg.finetune_steps or (self.cfg.cut_steps if plan.cut else 0)
+        if self.cfg.reconstruct == "lsq":  # the refit targets the unpruned model's BN statistics: no re-calibration
+            if self.grams is None:
+                self.grams = TeacherGrams.collect(self.model, self.space,
+                                                  calibration_subset(self.recal, self.cfg.calib_images))
+            net = slice_plan(self.model, plan, self.space, validate=False, example_inputs=self.example).eval()
+            self.grams.refit(self.model, net, plan, self.space)
+            if steps:
+                self._distil(net, steps)
+            return self.score(net.to(memory_format=self.memory_format))
         if mode == "physical" or steps:
             net = slice_plan(self.model, plan, self.space, validate=False, example_inputs=self.example).eval()
             net = net.to(memory_format=self.memory_format)

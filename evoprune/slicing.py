@@ -226,6 +226,16 @@ def _drops(space, plan, alive, modules):
     return out
 
 
+def channel_maps(model: nn.Module, plan: PruningPlan, space: PruningSpace) -> dict[str, tuple[set, set]]:
+    """``{module: (dropped output indices, dropped input indices)}``, in ``model``'s (the unpruned model's) index
+    space, for every surviving module whose outputs or inputs lose channels under ``plan``: which teacher channel
+    each channel of the pruned model is. :class:`ModelError` for a space without producer index maps."""
+    drops = _drops(space, plan, space.alive(plan), dict(model.named_modules()))
+    if drops is None:
+        raise ModelError("the space has no producer index maps (pickled by an older evoprune); rebuild it")
+    return drops
+
+
 def _out_width(m):
     for attr in ("out_channels", "out_features", "num_features"):
         if hasattr(m, attr):
@@ -286,4 +296,4 @@ def _slice(m: nn.Module, out_drop: set, in_drop: set) -> None:
         raise AssertionError(f"slice_plan cannot slice {kind.__name__}")
 
 
-__all__ = ["slice_plan", "structure_copy", "SLICEABLE"]
+__all__ = ["slice_plan", "structure_copy", "channel_maps", "SLICEABLE"]
