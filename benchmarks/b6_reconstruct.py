@@ -24,7 +24,6 @@ Paired bootstrap CIs (seeds, then images) as B1s. Resumes: rows already in --out
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import statistics
@@ -105,6 +104,52 @@ def recover(teacher, plan, space, recal_x, how, calib):
     return model, seconds, peak
 
 
+def fidelity(teacher, space, x, sx, sy, recal_x, report_set, frac, n) -> dict:
+    """``n`` MACs-matched plans at ``frac`` (half random, half importance-seeded, the GA's initial kinds): their
+    fitness with and without the cheap refit (seconds per evaluation), and val-report top-1 after BN re-calibration
+    and after the full sequential lsq; Kendall tau between them."""
+    from deap import base
+    from evoprune import Evaluator, register
+    plans, ev = [], {h: Evaluator(teacher, space, sx, sy, recal_x, FitnessConfig(reconstruct=h)) for h in ("none", "lsq")}
+    imp = channel_importance(teacher, space, x, "l1")
+    for init in ("random", "importance"):
+        tb = register(base.Toolbox(), space, ev["none"], macs_budget=frac * space.base_macs, importance=imp,
+                      init=init, init_cut=0.2, seed=0)
+        plans += tb.population(n=n // 2)
+    rows = []
+    ev["lsq"](plans[0])  # collects the teacher's Gram matrices once: timed apart
+    for ind in plans:
+        row = {}
+        for h, e in ev.items():
+            t0 = time.perf_counter()
+            row[f"score_{h}"] = e(ind)[0]
+            row[f"eval_s_{h}"] = time.perf_counter() - t0
+        plan = space.decode(ind)
+        for how in ("recal", "lsq"):
+            model, secs, _ = recover(teacher, plan, space, recal_x, how, recal_x)
+            row[f"report_{how}"] = float(correctness(model, report_set).mean())
+            row.setdefault("lsq_s", secs)
+        row["cut"] = list(plan.cut)
+        rows.append(row)
+        log(f"fidelity plan {len(rows)}/{len(plans)}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
+                                                                   if isinstance(v, float)))
+    t0 = time.perf_counter()
+    from evoprune.grams import TeacherGrams
+    from evoprune.lsq import calibration_subset
+    TeacherGrams.collect(teacher, space, calibration_subset(recal_x, 1024))
+    collect_s = time.perf_counter() - t0
+    for e in ev.values():
+        e.release()
+    col = lambda k: [r[k] for r in rows]  # noqa: E731
+    return {"rows": rows, "collect_s": collect_s, "tau": {
+        "refit_score~report_lsq": kendall(col("score_lsq"), col("report_lsq")),
+        "recal_score~report_lsq": kendall(col("score_none"), col("report_lsq")),
+        "refit_score~report_recal": kendall(col("score_lsq"), col("report_recal")),
+        "recal_score~report_recal": kendall(col("score_none"), col("report_recal")),
+        "report_recal~report_lsq": kendall(col("report_recal"), col("report_lsq")),
+    }}
+
+
 def kendall(a, b) -> float:
     a, b = np.asarray(a), np.asarray(b)
     s = np.sign(a[:, None] - a[None, :]) * np.sign(b[:, None] - b[None, :])
@@ -128,13 +173,14 @@ def main():
     p.add_argument("--sweep", default="256,512,1024,2048", help="calibration images for lsq on the GA's plan")
     p.add_argument("--ft-epochs", type=float, default=1.0, help="fine-tune epochs at the first budget (0: none)")
     p.add_argument("--ft-lr", type=float, default=0.01)
+    p.add_argument("--fidelity", type=int, default=24, help="plans for the refit-aware fitness's rank study")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if args.quick:
         args.seeds, args.population, args.elites, args.generations = "0", 6, 2, 1
         args.score_samples, args.recal_batches, args.ft_epochs, args.budgets = 200, 4, 0.0, "0.25"
-        args.sweep = "128,256"
+        args.sweep, args.fidelity = "128,256", 6
     torch.set_num_threads(args.threads)
     plans = [m for m in args.plans.split(",") if m]
     if set(plans) - set(PLANS):
@@ -155,10 +201,12 @@ def main():
                                                    "top1_report": float(teacher_correct.mean())}, "rows": []}
     if out.exists():
         old = json.loads(out.read_text())
-        keep = ("plans", "sweep", "ft_epochs")
+        keep = ("plans", "sweep", "ft_epochs", "fidelity")
         if {k: v for k, v in old["settings"].items() if k not in keep} == \
                 {k: v for k, v in vars(args).items() if k not in keep}:
             results["rows"] = old["rows"]
+            if old.get("fidelity") and old["settings"].get("fidelity") == args.fidelity:
+                results["fidelity"] = old["fidelity"]
     done = {(r["budget"], r["seed"], r["plan"], r["recovery"], r.get("images")) for r in results["rows"]}
     log(f"{args.arch}: teacher top-1 on val-report {teacher_correct.mean():.4f}; {len(done)} rows already measured")
 
@@ -226,6 +274,10 @@ def main():
                              max_batches=steps, progress=False)
                     add({"budget": frac, "seed": seed, "plan": "ga", "recovery": f"{how}+ft",
                          "_plan": chosen[(frac, seed, "ga")]}, model.cpu().eval(), ft_time_s=time.perf_counter() - t1)
+    if args.fidelity > 0 and not results.get("fidelity"):
+        frac = float(args.budgets.split(",")[0])
+        results["fidelity"] = fidelity(teacher, space, x, sx, sy, recal_x, report_set, frac, args.fidelity)
+        save()
     write_text(out.with_suffix(".md"), render(results))
     print(render(results))
     log(f"done in {time.perf_counter() - t_start:.0f} s -> {out}")
@@ -235,6 +287,15 @@ def render(results) -> str:
     rows = results["rows"]
     teacher = results["teacher"]["top1_report"]
     lines = [f"Teacher top-1 on val-report: {teacher:.4f}", ""]
+    fid = results.get("fidelity")
+    if fid:
+        r = fid["rows"]
+        mean = lambda k: statistics.mean(x[k] for x in r)  # noqa: E731
+        lines += [f"Refit-aware fitness, {len(r)} MACs-matched plans (half random, half importance-seeded): "
+                  f"{mean('eval_s_none'):.2f} s per evaluation without the refit, {mean('eval_s_lsq'):.2f} s with "
+                  f"it (+{fid['collect_s']:.0f} s per round to collect the teacher's Gram matrices); the full "
+                  f"sequential lsq {mean('lsq_s'):.1f} s per plan. Kendall tau:", "",
+                  "| pair | tau |", "|---|---|"] + [f"| {k} | {v:+.3f} |" for k, v in fid["tau"].items()] + [""]
     for frac in sorted({r["budget"] for r in rows}, reverse=True):
         sub = [r for r in rows if r["budget"] == frac and r.get("images") is None]
         lines += [f"### {frac:.0%} MACs", "",

@@ -15,7 +15,8 @@ from .export import export, model_card
 from .fitness import Evaluator, FitnessConfig
 from .genome import Layout
 from .plan import PruningPlan
-from .reconstruct import ReconstructionWarning, TeacherGrams, reconstruct
+from .grams import TeacherGrams
+from .reconstruct import ReconstructionWarning, reconstruct
 from .space import ChannelGroup, ConnectionUnit, PruningSpace
 from .slicing import slice_plan
 from .surgery import apply_plan, masked

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from .errors import ConfigError, check_probability
 from .importance import KINDS as IMPORTANCE_KINDS
-from .reconstruct import CALIB_IMAGES, METHODS as RECONSTRUCT_METHODS
+from .lsq import CALIB_IMAGES
+from .reconstruct import METHODS as RECONSTRUCT_METHODS
 from .runtime import check_runtime
 from .toolbox import CROSSOVERS, MUTATIONS
 

@@ -42,7 +42,8 @@ from .models import output_classes
 from .operators import sel_budget
 from .plan import PruningPlan
 from .progress import bar, status
-from .reconstruct import calibration_subset, reconstruct
+from .lsq import calibration_subset
+from .reconstruct import reconstruct
 from .result import SearchResult, hypervolume
 from .runtime import kernel_step
 from .runtime import measure as measure_latency
@@ -220,11 +221,12 @@ class Search:
         best = _choose(rnd.population + list(rnd.front), rnd.feasible, cost_budget)
         plan = rnd.space.decode(best)
         pruned = apply_plan(rnd.model, plan, self.example_inputs, space=rnd.space)
-        t_refit = time.perf_counter()
+        t_refit = 0.0
         if config.reconstruct != "none":  # structural distillation from the round's unpruned model (B6)
+            t0 = time.perf_counter()
             pruned = reconstruct(rnd.model, pruned, plan, rnd.space, self.calib_x, config.reconstruct,
                                  seed=config.seed, inplace=True)
-        t_refit = time.perf_counter() - t_refit
+            t_refit = time.perf_counter() - t0
         if fitness.bn_recalibration and self.recal_x and config.reconstruct != "lsq":
             recalibrate_bn(pruned, self.recal_x)  # the refit targets the unpruned model's BN statistics (B6)
         top1_pruned = self.report(pruned) if self.report else None

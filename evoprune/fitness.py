@@ -31,7 +31,8 @@ from .genome import check_genes, decode
 from .models import check_finite
 from .engines import fetch, forget, owned, publish, scoop_origin, under_scoop
 from .space import PruningSpace
-from .reconstruct import CALIB_IMAGES, TeacherGrams, calibration_subset
+from .grams import TeacherGrams
+from .lsq import CALIB_IMAGES, calibration_subset
 from .slicing import slice_plan
 from .surgery import masked
 

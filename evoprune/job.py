@@ -115,7 +115,8 @@ def run(model: nn.Module, data: ImageData, out_dir: str | Path, opts: JobOptions
                                 "normalization": asdict(data.train.stats)})
         files.extend(written.values())
 
-    fitness = FitnessConfig(bn_recalibration=bool(recal_x), device=opts.device)
+    fitness = FitnessConfig(bn_recalibration=bool(recal_x), device=opts.device, reconstruct=opts.fitness_reconstruct,
+                            calib_images=opts.calib_images)
     settings = {**asdict(opts), "search_images": len(score_set), "report_images": len(report_set),
                 "fitness.metric": fitness.metric}
     result = search(model, example, score_x, score_y, recal_x=recal_x or None, report=report,

@@ -20,7 +20,7 @@ import torch
 from .data import parse_normalization
 from .engines import EXECUTORS, check_executor
 from .errors import ConfigError
-from .config import METHODS, SearchConfig
+from .config import METHODS, RECONSTRUCT_METHODS, SearchConfig
 from .runtime import RUNTIMES
 from .toolbox import CROSSOVERS, MUTATIONS
 
@@ -109,6 +109,13 @@ SEARCH_FLAGS: dict[str, Flag] = {
                                "random (random search) or init (the GA's initial population alone)",
                    choices=METHODS),
     "connections": Flag("--no-connections", "neuron chromosome only (no connection genes)", negated=True),
+    "reconstruct": Flag("--reconstruct", "recovery of each round's chosen model before fine-tuning, on "
+                                         "--calib-images unlabeled training images: lsq (least-squares refit of "
+                                         "every changed layer to the unpruned model's outputs), bias (bias "
+                                         "compensation, then BN re-calibration) or none (BN re-calibration only)",
+                        choices=RECONSTRUCT_METHODS),
+    "calib_images": Flag("--calib-images", "unlabeled training images the reconstruction fits on (the first of the "
+                                           "--recal-batches batches)", metavar="N"),
     "seed": Flag("--seed", "random seed"),
 }
 
@@ -136,6 +143,10 @@ class JobOptions(SearchConfig):
     recal_batches: int = field(default=20, metadata=flag(
         "--recal-batches", "training batches for BN re-calibration before scoring; 0 turns it off"))
     batch_size: int = 64
+    fitness_reconstruct: str = field(default="none", metadata=flag(
+        "--fitness-reconstruct", "score every candidate plan after a cheap least-squares refit from the unpruned "
+                                 "model's inputs (lsq; about 1 s more per plan on ResNet-18) or as it is (none)",
+        choices=("none", "lsq")))
     device: str = field(default="cpu", metadata=flag("--device", "cpu or cuda"))
     normalize: str = field(default="data", metadata=flag(
         "--normalize", "input normalisation: data (the data's mean/std: CIFAR-10's, which the shipped models expect), "
@@ -163,6 +174,16 @@ class JobOptions(SearchConfig):
         if not _is_int(self.recal_batches) or self.recal_batches < 0:
             raise ConfigError(f"must be an int >= 0 (0 turns re-calibration off), got {self.recal_batches!r}",
                               setting="recal_batches")
+        if self.recal_batches == 0 and self.reconstruct != "none":
+            raise ConfigError(f"{self.reconstruct} needs calibration images from the training batches, but "
+                              "--recal-batches is 0; give --recal-batches > 0, or --reconstruct none",
+                              setting="reconstruct")
+        if self.recal_batches == 0 and self.fitness_reconstruct != "none":
+            raise ConfigError("needs calibration images from the training batches, but --recal-batches is 0",
+                              setting="fitness_reconstruct")
+        if self.fitness_reconstruct not in ("none", "lsq"):
+            raise ConfigError(f"must be 'none' or 'lsq', got {self.fitness_reconstruct!r}",
+                              setting="fitness_reconstruct")
         if not _is_number(self.finetune_epochs) or not self.finetune_epochs >= 0 or \
                 math.isinf(self.finetune_epochs):
             raise ConfigError(f"must be a number >= 0 (0 turns fine-tuning off), got {self.finetune_epochs!r}",

@@ -18,33 +18,32 @@ unit; refitting an unchanged layer returns its weights (its targets are its own 
 Grouped and depthwise convs are solved group by group. Labels are never used: batches are images, and an
 ``(images, labels)`` pair contributes its images only.
 
-Memory: per layer, a ``D x D`` float64 Gram matrix with ``D = in_channels / groups * kh * kw + 1`` (VGG16's widest
+The least-squares pieces live in :mod:`evoprune.lsq`. Memory: per layer, a ``D x D`` float64 Gram matrix with ``D = in_channels / groups * kh * kw + 1`` (VGG16's widest
 conv, 512 inputs: 170 MB), plus the teacher's sampled outputs of every changed layer, ``images * positions *
 out_channels`` float32 (1,024 images, 16 positions, 512 channels: 32 MB a layer).
 
-:class:`TeacherGrams` is the cheap variant for fitness: the teacher's per-layer Gram matrices over its own inputs
+:class:`evoprune.grams.TeacherGrams` is the cheap variant for fitness: the teacher's per-layer Gram matrices over its own inputs
 are collected once per round; refitting a candidate is then a slice of them and a small solve per layer, no forward
 pass (:attr:`evoprune.FitnessConfig.reconstruct`).
 """
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .errors import ConfigError, DataError, ModelError, PlanError
+from .errors import ConfigError, ModelError, PlanError
+from .lsq import (REFIT_TYPES, add_bias, calibration_images, depthwise, device_of, input_rows, out_width, output_rows,
+                  positions_of, solve)
 from .plan import PruningPlan
 from .slicing import channel_maps
 from .space import PruningSpace
 
 METHODS = ("none", "bias", "lsq")
-CALIB_IMAGES = 1024  # default calibration images: enough for the widest layers at 16 positions an image (B6)
-REFIT_TYPES = (nn.Conv2d, nn.Linear)
 
 
 class ReconstructionWarning(UserWarning):
@@ -53,11 +52,11 @@ class ReconstructionWarning(UserWarning):
 
 @dataclass(frozen=True)
 class _Layer:
-    """One layer to refit: its name, the teacher output channels its outputs are, and whether its input lost any."""
+    """One layer to refit: its name, and the teacher output channels its outputs are."""
 
     name: str
     kept_out: torch.Tensor
-    lost_inputs: bool
+    norm: str | None = None  # the BatchNorm that reads this layer's output: a bias-free layer's bias folds into it
 
 
 def reconstruct(teacher: nn.Module, pruned: nn.Module, plan: PruningPlan, space: PruningSpace, batches,
@@ -78,7 +77,7 @@ def reconstruct(teacher: nn.Module, pruned: nn.Module, plan: PruningPlan, space:
         raise PlanError(f"reconstruct expects a PruningPlan, got {type(plan).__name__}")
     space.validate(plan)
     images = calibration_images(batches, space)
-    net = pruned if inplace else _copy(pruned)
+    net = pruned if inplace else copy.deepcopy(pruned)
     if method == "none":
         return net
     layers = _changed_layers(teacher, net, plan, space, images[0][:1])
@@ -90,7 +89,7 @@ def reconstruct(teacher: nn.Module, pruned: nn.Module, plan: PruningPlan, space:
     try:
         with torch.no_grad():
             targets = _teacher_outputs(teacher, layers, images, positions, seed, method)
-            for i, layer in enumerate(layers):
+            for layer in layers:
                 _refit(net, layer, targets[layer.name], images, method, ridge)
     finally:
         net.train(was_training)
@@ -104,46 +103,6 @@ def check_method(method) -> str:
     return method
 
 
-def calibration_images(batches, space: PruningSpace) -> list[torch.Tensor]:
-    """The image tensors of ``batches``, checked: non-empty, finite, shaped like the space's inputs."""
-    if isinstance(batches, torch.Tensor):
-        batches = [batches]
-    images = []
-    for b in batches if batches is not None else ():
-        if isinstance(b, (tuple, list)):  # (images, labels) from a DataLoader: the labels are not read
-            b = b[0]
-        if not isinstance(b, torch.Tensor) or not b.is_floating_point():
-            raise DataError(f"calibration batches must be float image tensors, got {type(b).__name__}")
-        if tuple(b.shape[1:]) != tuple(space.input_shape[1:]):
-            raise DataError(f"calibration images have shape {tuple(b.shape[1:])} per sample, the space was built "
-                            f"for {tuple(space.input_shape[1:])}")
-        if len(b):
-            images.append(b)
-    if not images:
-        raise DataError("reconstruction needs calibration images (a few hundred unlabeled training images)")
-    if not all(bool(torch.isfinite(b).all()) for b in images):
-        raise DataError("calibration images contain NaN or infinite values")
-    return images
-
-
-def calibration_subset(batches, n: int) -> list[torch.Tensor] | None:
-    """The first ``n`` images of ``batches`` (a list of tensors), as batches; None for no batches."""
-    if not batches:
-        return None
-    out, left = [], n
-    for b in batches:
-        if left <= 0:
-            break
-        out.append(b[:left])
-        left -= len(out[-1])
-    return out
-
-
-def _copy(model):
-    import copy
-    return copy.deepcopy(model)
-
-
 # ---------------------------------------------------------------------------------------------- which layers
 def _changed_layers(teacher, net, plan, space, probe) -> list[_Layer]:
     """The conv/linear layers to refit, in the order the pruned network runs them."""
@@ -153,21 +112,34 @@ def _changed_layers(teacher, net, plan, space, probe) -> list[_Layer]:
     order: list[str] = []
     calls: dict[str, int] = {}
 
+    outputs: dict[int, tuple[str, torch.Tensor]] = {}
+    norms: dict[str, str] = {}
+
     def hook(name):
         def record(module, args, output):
             calls[name] = calls.get(name, 0) + 1
             if calls[name] == 1:
                 order.append(name)
+            outputs[id(output)] = (name, output)
+        return record
+
+    def norm_hook(name):
+        def record(module, args):
+            hit = outputs.get(id(args[0]))
+            if hit is not None and hit[1] is args[0]:
+                norms[hit[0]] = name
         return record
 
     watched = {n: m for n, m in modules.items()
                if n in cut or (type(m) in REFIT_TYPES and type(t_modules.get(n)) is type(m))}
     handles = [m.register_forward_hook(hook(n)) for n, m in watched.items()]
+    handles += [m.register_forward_pre_hook(norm_hook(n)) for n, m in modules.items()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     try:
         with torch.no_grad():
             was = net.training
             net.eval()
-            net(probe.to(_device(net)))
+            net(probe.to(device_of(net)))
             net.train(was)
     finally:
         for h in handles:
@@ -183,71 +155,16 @@ def _changed_layers(teacher, net, plan, space, probe) -> list[_Layer]:
     for name in order[start:]:
         if name in cut or calls[name] > 1:  # a module run twice has no single input to fit
             continue
-        width = _out_width(t_modules[name])
+        width = out_width(t_modules[name])
         drop = maps.get(name, (set(), set()))[0]
-        if _depthwise(modules[name]):
+        if depthwise(modules[name]):
             drop = drop | maps.get(name, (set(), set()))[1]
         kept = torch.tensor([c for c in range(width) if c not in drop], dtype=torch.long)
-        if len(kept) != _out_width(modules[name]):
-            raise ModelError(f"{name}: the pruned model has {_out_width(modules[name])} outputs, the plan keeps "
+        if len(kept) != out_width(modules[name]):
+            raise ModelError(f"{name}: the pruned model has {out_width(modules[name])} outputs, the plan keeps "
                              f"{len(kept)}; pass the model apply_plan or slice_plan made from this teacher")
-        layers.append(_Layer(name, kept, bool(maps.get(name, (set(), set()))[1])))
+        layers.append(_Layer(name, kept, norms.get(name)))
     return layers
-
-
-def _out_width(m):
-    return m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
-
-
-def _depthwise(m) -> bool:
-    return isinstance(m, nn.Conv2d) and m.groups == m.in_channels == m.out_channels and m.groups > 1
-
-
-def _device(model):
-    p = next(iter([*model.parameters(), *model.buffers()]), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-# ---------------------------------------------------------------------------------------------- sampling
-def _rows(module, x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-    """The layer's inputs as rows ``(samples, in_channels * kh * kw)``: conv patches at the sampled output positions
-    ``idx`` (``(N, p)`` flat indices), or linear inputs with leading dims flattened."""
-    if isinstance(module, nn.Linear):
-        return x.reshape(-1, x.shape[-1])
-    if module.padding_mode == "zeros":
-        x = F.pad(x, module._reversed_padding_repeated_twice)
-    else:
-        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-    rows = []
-    chunk = max(1, int(2 ** 25 // max(1, x[0].numel() * _taps(module))))  # bound unfold's memory
-    for i in range(0, len(x), chunk):
-        cols = F.unfold(x[i:i + chunk], module.kernel_size, dilation=module.dilation, stride=module.stride)
-        j = idx[i:i + chunk]
-        cols = cols.gather(2, j.unsqueeze(1).expand(-1, cols.shape[1], -1))  # (n, C*kk, p)
-        rows.append(cols.permute(0, 2, 1).reshape(-1, cols.shape[1]))
-    return torch.cat(rows)
-
-
-def _taps(module):
-    return int(np.prod(module.kernel_size)) if isinstance(module, nn.Conv2d) else 1
-
-
-def _out_rows(module, y: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-    """A layer's outputs as rows ``(samples, out_channels)`` at the same samples as :func:`_rows`."""
-    if isinstance(module, nn.Linear):
-        return y.reshape(-1, y.shape[-1])
-    flat = y.flatten(2)
-    return flat.gather(2, idx.unsqueeze(1).expand(-1, flat.shape[1], -1)).permute(0, 2, 1).reshape(-1, flat.shape[1])
-
-
-def _positions(y, positions, gen) -> torch.Tensor | None:
-    """``(N, p)`` sampled flat output positions per image (all of them when there are at most ``positions``)."""
-    if y.dim() != 4:
-        return None
-    n, hw = y.shape[0], y.shape[2] * y.shape[3]
-    if hw <= positions:
-        return torch.arange(hw, device=y.device).expand(n, hw)
-    return torch.rand(n, hw, generator=gen).argsort(dim=1)[:, :positions].to(y.device)
 
 
 class _Stop(Exception):
@@ -270,16 +187,16 @@ def _teacher_outputs(teacher, layers, images, positions, seed, method):
             s = chan.double().sum(1).cpu(), chan.shape[1]
             mean = s if mean is None else (mean[0] + s[0], mean[1] + s[1])
             if method == "lsq":
-                idx = _positions(y, positions, gen) if isinstance(module, nn.Conv2d) else None
+                idx = positions_of(y, positions, gen) if isinstance(module, nn.Conv2d) else None
                 idxs.append(idx)
-                rows.append(_out_rows(module, y, idx).float().cpu())
+                rows.append(output_rows(module, y, idx).float().cpu())
             else:
                 idxs.append(None)
             out[layer.name] = (idxs, rows, mean)
 
         handles.append(modules[layer.name].register_forward_hook(hook))
     try:
-        dev = _device(teacher)
+        dev = device_of(teacher)
         for b in images:
             teacher(b.to(dev))
     finally:
@@ -290,9 +207,18 @@ def _teacher_outputs(teacher, layers, images, positions, seed, method):
 
 # ---------------------------------------------------------------------------------------------- refitting
 def _refit(net, layer: _Layer, target, images, method, ridge) -> None:
-    module = dict(net.named_modules())[layer.name]
+    modules = dict(net.named_modules())
+    module = modules[layer.name]
+    norm = modules[layer.norm] if layer.norm and module.bias is None else None
+
+    def _set_bias(module, value, *, absolute=False):  # a bias-free conv before a BN: fold the bias into the BN
+        if norm is None:
+            return add_bias(module, value, absolute=absolute)
+        with torch.no_grad():  # the BN reads conv(x) + b as conv(x) with running_mean - b (eval mode)
+            norm.running_mean.sub_(value.to(norm.running_mean))
+
     idxs, rows, mean_t = target
-    dev = _device(net)
+    dev = device_of(net)
     if method == "bias":
         _set_bias(module, mean_t - _mean_output(net, module, images))
         return
@@ -305,7 +231,7 @@ def _refit(net, layer: _Layer, target, images, method, ridge) -> None:
 
     def hook(m, args):
         k = state["batch"]
-        x = _rows(m, args[0], None if idxs[k] is None else idxs[k].to(args[0].device)).float()
+        x = input_rows(m, args[0], None if idxs[k] is None else idxs[k].to(args[0].device)).float()
         x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1).cpu()
         y = rows[k]
         if len(y) != len(x):
@@ -344,21 +270,8 @@ def _refit(net, layer: _Layer, target, images, method, ridge) -> None:
                       ReconstructionWarning, stacklevel=3)
         _set_bias(module, mean_t - _mean_output(net, module, images))
         return
-    _set_weights(module, w, groups, d, out_pg)
-
-
-def solve(gram: torch.Tensor, cross: torch.Tensor, w0: torch.Tensor, ridge: float) -> torch.Tensor | None:
-    """Per group ``g``: ``argmin_W |X W - Y|^2 + lambda |W - W0|^2`` from ``gram = X^T X`` ``(g, D, D)`` and
-    ``cross = X^T Y`` ``(g, D, out)``, with ``lambda = ridge * mean(diag(gram))``; None when the solve fails."""
-    diag = torch.diagonal(gram, dim1=1, dim2=2)
-    lam = ridge * diag.mean(1).clamp_min(1e-12)
-    a = gram + lam[:, None, None] * torch.eye(gram.shape[1], dtype=gram.dtype)
-    b = cross + lam[:, None, None] * w0.double()
-    chol, info = torch.linalg.cholesky_ex(a)
-    if bool((info != 0).any()):
-        return None
-    w = torch.cholesky_solve(b, chol)
-    return w if bool(torch.isfinite(w).all()) else None
+    module.weight.data.copy_(w.transpose(1, 2)[..., :d].reshape(module.weight.shape).to(module.weight))
+    _set_bias(module, w.transpose(1, 2)[..., d].reshape(-1), absolute=True)
 
 
 def _weights(module, groups, d, out_pg) -> torch.Tensor:
@@ -367,26 +280,6 @@ def _weights(module, groups, d, out_pg) -> torch.Tensor:
     b = module.bias.detach().double().cpu() if module.bias is not None else torch.zeros(module.weight.shape[0],
                                                                                          dtype=torch.float64)
     return torch.cat([w, b.reshape(groups, out_pg, 1)], 2).transpose(1, 2)
-
-
-def _set_weights(module, w, groups, d, out_pg) -> None:
-    w = w.transpose(1, 2)  # (g, out_pg, d + 1)
-    weight = w[..., :d].reshape(module.weight.shape).to(module.weight)
-    bias = w[..., d].reshape(-1)
-    module.weight.data.copy_(weight)
-    _set_bias(module, bias, absolute=True)
-
-
-def _set_bias(module, value: torch.Tensor, *, absolute: bool = False) -> None:
-    value = value.to(module.weight)
-    if module.bias is None:
-        module.bias = nn.Parameter(torch.zeros(module.weight.shape[0], dtype=module.weight.dtype,
-                                               device=module.weight.device))
-    with torch.no_grad():
-        if absolute:
-            module.bias.copy_(value)
-        else:
-            module.bias.add_(value)
 
 
 def _mean_output(net, module, images) -> torch.Tensor:
@@ -404,7 +297,7 @@ def _mean_output(net, module, images) -> torch.Tensor:
     try:
         for b in images:
             try:
-                net(b.to(_device(net)))
+                net(b.to(device_of(net)))
             except _Stop:
                 pass
     finally:
@@ -412,95 +305,4 @@ def _mean_output(net, module, images) -> torch.Tensor:
     return acc["sum"] / acc["n"]
 
 
-# ---------------------------------------------------------------------------------------------- the cheap variant
-class TeacherGrams:
-    """The teacher's per-layer Gram matrices ``X^T X`` over its own inputs (sampled as in :func:`reconstruct`), for
-    every conv (``groups == 1``) or linear layer whose inputs a plan can cut. :meth:`refit` then refits a pruned
-    model's layers from the teacher's inputs at the kept channels: since the teacher's output is ``X W^T + b``,
-    ``X_kept^T Y = G[kept, :] W^T``, so a candidate costs a slice and a small solve per layer, no forward pass.
-    Only columns that ever see a non-zero input are stored (a 3x3 conv at 1x1 keeps its centre tap)."""
-
-    def __init__(self, grams: dict, ridge: float):
-        self.grams = grams  # layer -> (live column indices, Gram over them, float64)
-        self.ridge = ridge
-
-    @classmethod
-    def collect(cls, teacher: nn.Module, space: PruningSpace, batches, *, positions: int = 16, ridge: float = 1e-3,
-                seed: int = 0) -> "TeacherGrams":
-        images = calibration_images(batches, space)
-        consumers = {c.module for g in space.groups for c in g.consumers}
-        modules = dict(teacher.named_modules())
-        names = [n for n in modules if n in consumers and type(modules[n]) in REFIT_TYPES
-                 and getattr(modules[n], "groups", 1) == 1]
-        acc: dict[str, torch.Tensor] = {}
-        calls: dict[str, int] = {}
-        handles = []
-        for k, name in enumerate(names):
-            gen = torch.Generator().manual_seed(seed * 100_003 + k)
-
-            def hook(m, args, y, name=name, gen=gen):
-                calls[name] = calls.get(name, 0) + 1
-                idx = _positions(y, positions, gen) if isinstance(m, nn.Conv2d) else None
-                x = _rows(m, args[0], idx).float()
-                x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
-                g = (x.T @ x).double().cpu()  # float32 products per batch, summed in float64
-                acc[name] = g if name not in acc else acc[name] + g
-
-            handles.append(modules[name].register_forward_hook(hook))
-        was = teacher.training
-        teacher.eval()
-        try:
-            with torch.no_grad():
-                for b in images:
-                    teacher(b.to(_device(teacher)))
-        finally:
-            teacher.train(was)
-            for h in handles:
-                h.remove()
-        grams = {}
-        for name, g in acc.items():
-            if calls[name] != len(images) or not bool(torch.isfinite(g).all()):
-                continue  # run more than once per forward, or non-finite: not refit
-            live = torch.nonzero(torch.diagonal(g) > 0).flatten()
-            grams[name] = (live, g[live][:, live].contiguous())
-        return cls(grams, ridge)
-
-    def refit(self, teacher: nn.Module, net: nn.Module, plan: PruningPlan, space: PruningSpace) -> nn.Module:
-        """Refit, in place, every layer of ``net`` (``slice_plan(teacher, plan, space)``) whose inputs lost channels,
-        from the teacher's inputs at the kept channels. Returns ``net``."""
-        t_modules, modules = dict(teacher.named_modules()), dict(net.named_modules())
-        for name, (out_drop, in_drop) in channel_maps(teacher, plan, space).items():
-            if not in_drop or name not in self.grams or name not in modules:
-                continue
-            t, m = t_modules[name], modules[name]
-            taps = _taps(t)
-            in_width = t.weight.shape[1]
-            kept_in = torch.tensor([c for c in range(in_width) if c not in in_drop], dtype=torch.long)
-            kept_out = torch.tensor([c for c in range(_out_width(t)) if c not in out_drop], dtype=torch.long)
-            cols = torch.cat([(kept_in[:, None] * taps + torch.arange(taps)).flatten(),
-                              torch.tensor([in_width * taps])])  # kept input columns, then the bias column
-            live, gram = self.grams[name]
-            w_t = torch.cat([t.weight.detach().reshape(t.weight.shape[0], -1).double().cpu(),
-                             (t.bias.detach().double().cpu() if t.bias is not None
-                              else torch.zeros(t.weight.shape[0], dtype=torch.float64))[:, None]], 1)[kept_out]
-            pos = torch.full((in_width * taps + 1,), -1, dtype=torch.long)
-            pos[live] = torch.arange(len(live))
-            k_pos = pos[cols]
-            sel = k_pos >= 0  # kept columns that see data; the others keep the teacher's weight
-            a = gram[k_pos[sel]][:, k_pos[sel]]
-            b = gram[k_pos[sel]] @ w_t[:, live].T
-            w = solve(a[None], b[None], w_t[:, cols[sel]].T[None], self.ridge)
-            if w is None:
-                continue
-            new = w_t[:, cols].clone()
-            new[:, sel] = w[0].T
-            m.weight.data.copy_(new[:, :-1].reshape(m.weight.shape).to(m.weight))
-            _set_bias(m, new[:, -1], absolute=True)
-        return net
-
-    def nbytes(self) -> int:
-        return sum(g.numel() * g.element_size() for _, g in self.grams.values())
-
-
-__all__ = ["reconstruct", "TeacherGrams", "ReconstructionWarning", "METHODS", "solve", "check_method",
-           "calibration_images", "calibration_subset", "CALIB_IMAGES"]
+__all__ = ["reconstruct", "ReconstructionWarning", "METHODS", "check_method"]

@@ -70,11 +70,13 @@ def markdown(result: SearchResult, *, title: str, settings: dict | None = None) 
               "report split, never on the images the GA scored. Reduction is the parameter reduction vs round 0.", "",
               result.table(), ""]
     if result.rows:
-        lines += ["| round | search score | top-1 pruned (before fine-tune) | MACs % of original | cut connections "
-                  "| evaluations |", "|---|---|---|---|---|---|"]
+        lines += ["| round | search score | recovery | top-1 pruned (after recovery, before fine-tune) | MACs % of "
+                  "original | cut connections | evaluations |", "|---|---|---|---|---|---|---|"]
         for r in result.rows:
             pre = "-" if r.get("top1_pruned") is None else f"{r['top1_pruned']:.4f}"
-            lines.append(f"| {r['round']} | {r['search_score']:.4f} | {pre} | {r['macs_pct']:.1f} | "
+            recovery = {"lsq": "lsq refit", "bias": "bias + BN re-cal.", "none": "BN re-cal."}.get(
+                r.get("reconstruct", "none"), r.get("reconstruct"))
+            lines.append(f"| {r['round']} | {r['search_score']:.4f} | {recovery} | {pre} | {r['macs_pct']:.1f} | "
                          f"{', '.join(r['cut']) or 'none'} | {r['evaluations']} |")
         lines.append("")
     lines += ["## Per-layer widths (the paper's Table 5)", "", result.widths_table(), ""]

@@ -19,7 +19,6 @@ from deap import algorithms, base, tools
 import evoprune
 import evoprune.toolbox
 from evoprune.data import normalize, synthetic
-from evoprune.fitness import recalibrate_bn
 from evoprune.importance import channel_importance
 from evoprune.models import tiny_cnn
 from evoprune.train import evaluate, train
@@ -96,7 +95,8 @@ def main(argv=None) -> int:
     best = max(under, key=lambda ind: ind.fitness.values[0]) if under else \
         min(hof, key=lambda ind: ind.fitness.values[1])
     plan = space.decode(best)
-    pruned = recalibrate_bn(evoprune.apply_plan(model, plan, example, space=space), recal_x)
+    # structural distillation: refit every changed layer to the unpruned model's outputs (closed form, no labels)
+    pruned = evoprune.reconstruct(model, evoprune.apply_plan(model, plan, example, space=space), plan, space, recal_x)
     written = evoprune.export(pruned, Path(args.out) / "best", example, formats=("pt", "torchscript"), plan=plan)
     evaluator.release()
     print(f"\nbest plan: score {best.fitness.values[0]:.4f}, {best.fitness.values[1] / 1e6:.3f} MMACs; "

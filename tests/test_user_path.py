@@ -246,6 +246,8 @@ def test_a_finished_run_is_not_redone(finished_run, no_data, capsys):
     (["--no-kd"], "not given", "given"),
     (["--baseline-epochs", "2"], "1", "2"),
     (["--data", "demo"], "demo:quick", "demo"),
+    (["--reconstruct", "bias"], "lsq", "bias"),
+    (["--fitness-reconstruct", "lsq"], "none", "lsq"),
 ])
 def test_a_changed_setting_is_refused_before_any_data_are_loaded(finished_run, no_data, change, old, new, capsys):
     out, argv = finished_run
