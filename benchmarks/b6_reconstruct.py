@@ -92,7 +92,10 @@ def recover(teacher, plan, space, recal_x, how, calib):
     """The plan's model after the recovery ``how``, with the reconstruction's seconds and peak RSS growth."""
     model = slice_plan(teacher, plan, space)
     seconds, peak = 0.0, 0
-    method = {"recal": "none", "bias": "bias", "bias+recal": "bias", "lsq": "lsq", "lsq+recal": "lsq"}[how]
+    method = {"recal": "none", "bias": "bias", "bias+recal": "bias", "lsq": "lsq", "lsq+recal": "lsq",
+              "recal+lsq": "lsq"}[how]
+    if how == "recal+lsq":
+        recalibrate_bn(model, recal_x)
     if method != "none":
         with PeakRSS() as mem:
             t0 = time.perf_counter()
@@ -125,7 +128,7 @@ def fidelity(teacher, space, x, sx, sy, recal_x, report_set, frac, n) -> dict:
             row[f"score_{h}"] = e(ind)[0]
             row[f"eval_s_{h}"] = time.perf_counter() - t0
         plan = space.decode(ind)
-        for how in ("recal", "lsq"):
+        for how in ("recal", "lsq", "recal+lsq"):
             model, secs, _ = recover(teacher, plan, space, recal_x, how, recal_x)
             row[f"report_{how}"] = float(correctness(model, report_set).mean())
             row.setdefault("lsq_s", secs)
@@ -147,7 +150,7 @@ def fidelity(teacher, space, x, sx, sy, recal_x, report_set, frac, n) -> dict:
         "refit_score~report_recal": kendall(col("score_lsq"), col("report_recal")),
         "recal_score~report_recal": kendall(col("score_none"), col("report_recal")),
         "report_recal~report_lsq": kendall(col("report_recal"), col("report_lsq")),
-    }}
+    }, "mean": {k: statistics.mean(col(k)) for k in ("report_recal", "report_lsq", "report_recal+lsq")}}
 
 
 def kendall(a, b) -> float:
@@ -173,6 +176,7 @@ def main():
     p.add_argument("--sweep", default="256,512,1024,2048", help="calibration images for lsq on the GA's plan")
     p.add_argument("--ft-epochs", type=float, default=1.0, help="fine-tune epochs at the first budget (0: none)")
     p.add_argument("--ft-lr", type=float, default=0.01)
+    p.add_argument("--ft-curve", default="0.1,0.3", help="shorter fine-tunes (epochs) of the same plans, recal and lsq")
     p.add_argument("--fidelity", type=int, default=24, help="plans for the refit-aware fitness's rank study")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None)
@@ -180,7 +184,7 @@ def main():
     if args.quick:
         args.seeds, args.population, args.elites, args.generations = "0", 6, 2, 1
         args.score_samples, args.recal_batches, args.ft_epochs, args.budgets = 200, 4, 0.0, "0.25"
-        args.sweep, args.fidelity = "128,256", 6
+        args.sweep, args.fidelity, args.ft_curve = "128,256", 6, ""
     torch.set_num_threads(args.threads)
     plans = [m for m in args.plans.split(",") if m]
     if set(plans) - set(PLANS):
@@ -201,7 +205,7 @@ def main():
                                                    "top1_report": float(teacher_correct.mean())}, "rows": []}
     if out.exists():
         old = json.loads(out.read_text())
-        keep = ("plans", "sweep", "ft_epochs", "fidelity")
+        keep = ("plans", "sweep", "ft_epochs", "fidelity", "ft_curve")
         if {k: v for k, v in old["settings"].items() if k not in keep} == \
                 {k: v for k, v in vars(args).items() if k not in keep}:
             results["rows"] = old["rows"]
@@ -225,58 +229,72 @@ def main():
             f"top-1 {row['top1']:.4f}" + (f" ({row['reconstruct_s']:.1f} s)" if row.get("reconstruct_s") else ""))
 
     chosen: dict = {}
+    stored = {(r["budget"], r["seed"], r["plan"]): r for r in results["rows"] if "plan_dict" in r}
+
+    def plan_of(frac, seed, name):
+        """The plan of (budget, seed, method) and its search facts: from a stored row, or found now (memoised)."""
+        key = (frac, seed, name)
+        if key in chosen:
+            return chosen[key]
+        if key in stored:
+            r = stored[key]
+            chosen[key] = PruningPlan.from_dict(r["plan_dict"]), {
+                k: r[k] for k in ("search_score", "evaluations", "best_by_gen", "search_time_s", "cut") if k in r}
+            return chosen[key]
+        t0 = time.perf_counter()
+        if name == "uniform":
+            plan, info = uniform_plan(teacher, space, x, frac * space.base_macs), {}
+        else:
+            kw = {"method": "random"} if name == "random" else {}
+            fit = FitnessConfig(reconstruct="lsq") if name == "ga-refit" else None
+            res = search(teacher, x, sx, sy, recal_x=recal_x, rounds=1, generations=args.generations,
+                         population=args.population, elites=args.elites, target=frac, seed=seed,
+                         verbose=False, progress=False, reconstruct="none", fitness=fit, **kw)
+            plan = PruningPlan.from_dict(res.plans[0])
+            info = {"search_score": res.rows[0]["search_score"], "evaluations": res.rows[0]["evaluations"],
+                    "best_by_gen": [r["best"] for r in res.logbook]}
+        info["search_time_s"] = time.perf_counter() - t0
+        info["cut"] = list(plan.cut)
+        chosen[key] = plan, info
+        return chosen[key]
+
+    first = float(args.budgets.split(",")[0])
     for frac in [float(b) for b in args.budgets.split(",")]:
         for seed in seeds:
             for name in plans:
-                key = (frac, seed, name)
-                if all((frac, seed, name, how, None) in done for how in RECOVERIES) and name != "ga":
-                    continue
-                t0 = time.perf_counter()
-                if name == "uniform":
-                    plan, info = uniform_plan(teacher, space, x, frac * space.base_macs), {}
-                else:
-                    kw = {"method": "random"} if name == "random" else {}
-                    fit = FitnessConfig(reconstruct="lsq") if name == "ga-refit" else None
-                    res = search(teacher, x, sx, sy, recal_x=recal_x, rounds=1, generations=args.generations,
-                                 population=args.population, elites=args.elites, target=frac, seed=seed,
-                                 verbose=False, progress=False, reconstruct="none", fitness=fit, **kw)
-                    plan = PruningPlan.from_dict(res.plans[0])
-                    info = {"search_score": res.rows[0]["search_score"], "evaluations": res.rows[0]["evaluations"],
-                            "best_by_gen": [r["best"] for r in res.logbook]}
-                info["search_time_s"] = time.perf_counter() - t0
-                info["cut"] = list(plan.cut)
-                chosen[key] = plan
                 for how in RECOVERIES:
                     if (frac, seed, name, how, None) in done:
                         continue
+                    plan, info = plan_of(frac, seed, name)
                     model, secs, peak = recover(teacher, plan, space, recal_x, how, recal_x)
                     add({"budget": frac, "seed": seed, "plan": name, "recovery": how, "_plan": plan}, model,
-                        reconstruct_s=secs, peak_rss_mb=peak / 2**20, **info)
-            if "ga" in plans:  # calibration images, on the GA's plan
-                for n in sweep:
-                    if (frac, seed, "ga", "lsq", n) in done:
-                        continue
-                    calib = [b for b in recal_all][:math.ceil(n / 64)]
-                    calib[-1] = calib[-1][:n - 64 * (len(calib) - 1)]
-                    model, secs, peak = recover(teacher, chosen[(frac, seed, "ga")], space, recal_x, "lsq", calib)
-                    add({"budget": frac, "seed": seed, "plan": "ga", "recovery": "lsq", "images": n,
-                         "_plan": chosen[(frac, seed, "ga")]}, model, reconstruct_s=secs, peak_rss_mb=peak / 2**20)
-        if args.ft_epochs > 0 and "ga" in plans and frac == float(args.budgets.split(",")[0]):
-            for seed in seeds:
+                        reconstruct_s=secs, peak_rss_mb=peak / 2**20, plan_dict=plan.to_dict(), **info)
+            for n in sweep if "ga" in plans else ():  # calibration images, on the GA's plan
+                if (frac, seed, "ga", "lsq", n) in done:
+                    continue
+                plan, _ = plan_of(frac, seed, "ga")
+                calib = recal_all[:math.ceil(n / 64)]
+                calib[-1] = calib[-1][:n - 64 * (len(calib) - 1)]
+                model, secs, peak = recover(teacher, plan, space, recal_x, "lsq", calib)
+                add({"budget": frac, "seed": seed, "plan": "ga", "recovery": "lsq", "images": n, "_plan": plan},
+                    model, reconstruct_s=secs, peak_rss_mb=peak / 2**20)
+        curve = [(f"ft{e:g}", e) for e in (float(v) for v in args.ft_curve.split(",") if v)]
+        for seed in seeds if args.ft_epochs > 0 and "ga" in plans and frac == first else ():
+            for tag, ft_epochs in [("ft", args.ft_epochs)] + curve:
                 for how in ("recal", "lsq"):
-                    if (frac, seed, "ga", f"{how}+ft", None) in done:
+                    if (frac, seed, "ga", f"{how}+{tag}", None) in done:
                         continue
-                    model, _, _ = recover(teacher, chosen[(frac, seed, "ga")], space, recal_x, how, recal_x)
+                    plan, _ = plan_of(frac, seed, "ga")
+                    model, _, _ = recover(teacher, plan, space, recal_x, how, recal_x)
                     t1 = time.perf_counter()
-                    epochs = max(1, int(np.ceil(args.ft_epochs)))
-                    steps = None if args.ft_epochs >= 1 else max(1, int(args.ft_epochs * len(data.train) / 64))
+                    epochs = max(1, int(np.ceil(ft_epochs)))
+                    steps = None if ft_epochs >= 1 else max(1, int(ft_epochs * len(data.train) / 64))
                     finetune(model, data.train, epochs, teacher=teacher, lr=args.ft_lr, batch_size=64, seed=seed,
                              max_batches=steps, progress=False)
-                    add({"budget": frac, "seed": seed, "plan": "ga", "recovery": f"{how}+ft",
-                         "_plan": chosen[(frac, seed, "ga")]}, model.cpu().eval(), ft_time_s=time.perf_counter() - t1)
+                    add({"budget": frac, "seed": seed, "plan": "ga", "recovery": f"{how}+{tag}", "_plan": plan},
+                        model.cpu().eval(), ft_time_s=time.perf_counter() - t1)
     if args.fidelity > 0 and not results.get("fidelity"):
-        frac = float(args.budgets.split(",")[0])
-        results["fidelity"] = fidelity(teacher, space, x, sx, sy, recal_x, report_set, frac, args.fidelity)
+        results["fidelity"] = fidelity(teacher, space, x, sx, sy, recal_x, report_set, first, args.fidelity)
         save()
     write_text(out.with_suffix(".md"), render(results))
     print(render(results))
@@ -296,18 +314,24 @@ def render(results) -> str:
                   f"it (+{fid['collect_s']:.0f} s per round to collect the teacher's Gram matrices); the full "
                   f"sequential lsq {mean('lsq_s'):.1f} s per plan. Kendall tau:", "",
                   "| pair | tau |", "|---|---|"] + [f"| {k} | {v:+.3f} |" for k, v in fid["tau"].items()] + [""]
+        lines += ["Mean val-report top-1 over those plans: " + ", ".join(
+            f"{k.removeprefix('report_')} {100 * v:.2f}" for k, v in fid["mean"].items())
+            + " (recal+lsq: BN re-calibration before the refit)", ""]
     for frac in sorted({r["budget"] for r in rows}, reverse=True):
         sub = [r for r in rows if r["budget"] == frac and r.get("images") is None]
         lines += [f"### {frac:.0%} MACs", "",
                   "| plan | recovery | seeds | MACs % | top-1 (mean ± sd) | gap to teacher (pp) | s / refit | "
-                  "peak RSS (MB) | minus recal, same plan [95 % CI] |", "|---|---|---|---|---|---|---|---|---|"]
+                  "peak RSS (MB) | minus recal (+ the same fine-tune), same plan [95 % CI] |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for plan in dict.fromkeys(r["plan"] for r in sub):
             for how in dict.fromkeys(r["recovery"] for r in sub if r["plan"] == plan):
                 mr = sorted((r for r in sub if r["plan"] == plan and r["recovery"] == how), key=lambda r: r["seed"])
                 vals = [r["top1"] for r in mr]
                 sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-                base = [dict(r, correct_x=r["correct"]) for r in sub if r["plan"] == plan and r["recovery"] == "recal"]
-                cell = "-" if how == "recal" else _diff(mr, base)
+                tail = how.split("+")[-1]
+                ref = f"recal+{tail}" if tail.startswith("ft") else "recal"  # fine-tuned rows: against recal + same
+                base = [r for r in sub if r["plan"] == plan and r["recovery"] == ref]
+                cell = "-" if how == ref else _diff(mr, base)
                 lines.append(f"| {plan} | {how} | {len(vals)} | {statistics.mean(r['macs_pct'] for r in mr):.1f} | "
                              f"{100 * statistics.mean(vals):.2f} ± {100 * sd:.2f} | "
                              f"{100 * (statistics.mean(vals) - teacher):+.2f} | "

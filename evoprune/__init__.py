@@ -16,7 +16,7 @@ from .fitness import Evaluator, FitnessConfig
 from .genome import Layout
 from .plan import PruningPlan
 from .grams import TeacherGrams
-from .reconstruct import ReconstructionWarning, reconstruct
+from .refit import ReconstructionWarning, reconstruct
 from .space import ChannelGroup, ConnectionUnit, PruningSpace
 from .slicing import slice_plan
 from .surgery import apply_plan, masked

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from .errors import ConfigError, check_probability
 from .importance import KINDS as IMPORTANCE_KINDS
 from .lsq import CALIB_IMAGES
-from .reconstruct import METHODS as RECONSTRUCT_METHODS
+from .refit import METHODS as RECONSTRUCT_METHODS
 from .runtime import check_runtime
 from .toolbox import CROSSOVERS, MUTATIONS
 

@@ -43,7 +43,7 @@ from .operators import sel_budget
 from .plan import PruningPlan
 from .progress import bar, status
 from .lsq import calibration_subset
-from .reconstruct import reconstruct
+from .refit import reconstruct
 from .result import SearchResult, hypervolume
 from .runtime import kernel_step
 from .runtime import measure as measure_latency

@@ -20,7 +20,7 @@ from .space import PruningSpace
 
 # ---------------------------------------------------------------------------------------------- the cheap variant
 class TeacherGrams:
-    """The teacher's per-layer Gram matrices ``X^T X`` over its own inputs (sampled as in :func:`reconstruct`), for
+    """The teacher's per-layer Gram matrices ``X^T X`` over its own inputs (sampled as in :func:`evoprune.reconstruct`), for
     every conv (``groups == 1``) or linear layer whose inputs a plan can cut. :meth:`refit` then refits a pruned
     model's layers from the teacher's inputs at the kept channels: since the teacher's output is ``X W^T + b``,
     ``X_kept^T Y = G[kept, :] W^T``, so a candidate costs a slice and a small solve per layer, no forward pass.

@@ -1,4 +1,4 @@
-"""Least-squares building blocks of the layer refit (:mod:`evoprune.reconstruct`, :mod:`evoprune.grams`): the
+"""Least-squares building blocks of the layer refit (:mod:`evoprune.refit`, :mod:`evoprune.grams`): the
 calibration images, a layer's inputs and outputs as sampled rows, the ridge solve, and setting a bias.
 
 A conv's inputs become rows of patches (``F.unfold``) at a few sampled output positions per image; a linear's

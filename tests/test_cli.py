@@ -453,6 +453,7 @@ def test_inspect_flag_combinations(argv, message, tmp_path, capsys):
     ("--target-macs", "1.5", "target"), ("--score-samples", "3", "score_samples"),
     ("--recal-batches", "-1", "recal_batches"), ("--finetune-epochs", "-2", "finetune_epochs"),
     ("--normalize", "1,2/3", "normalize"), ("--normalize", "0.5/0", "normalize"),
+    ("--calib-images", "0", "calib_images"),
 ])
 def test_setting_errors_name_the_flag_not_the_python_name(flag, value, name, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sources, "load_data", lambda args: pytest.fail("the data were loaded"))
@@ -460,6 +461,19 @@ def test_setting_errors_name_the_flag_not_the_python_name(flag, value, name, tmp
                                flag, value], code=2)
     assert line.startswith(f"error: {flag} ") and value.lstrip("-") in line
     assert not re.search(rf"(?<![-\w]){name}\b", line), line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--recal-batches", "0"], "--reconstruct"),
+    (["--recal-batches", "0", "--reconstruct", "none", "--fitness-reconstruct", "lsq"], "--fitness-reconstruct"),
+])
+def test_reconstruction_without_calibration_images_is_refused_naming_the_flags(extra, flag, tmp_path, capsys,
+                                                                              monkeypatch):
+    monkeypatch.setattr(sources, "load_data", lambda args: pytest.fail("the data were loaded"))
+    line = fails_with(capsys, ["prune", "--arch", "tiny", "--data", "demo:quick", "--out", tmp_path / "run", *extra],
+                      code=2)
+    assert line.startswith(f"error: {flag} ") and "--recal-batches is 0" in line
     assert not (tmp_path / "run").exists()
 
 

@@ -231,7 +231,7 @@ def test_bad_calibration_images_are_refused(batches, error, match, randomize_bn)
 @pytest.mark.parametrize("kwargs, match", [
     ({"method": "ols"}, "method must be one of none, bias, lsq"),
     ({"positions": 0}, "positions must be an int >= 1"),
-    ({"ridge": 0.0}, "ridge must be a positive number"),
+    ({"ridge": 0.0}, "ridge must be 'auto' or a positive number"),
 ])
 def test_bad_settings_are_refused(kwargs, match, randomize_bn):
     teacher, root = _redundant("plain", randomize_bn)

@@ -44,6 +44,8 @@ from .slicing import channel_maps
 from .space import PruningSpace
 
 METHODS = ("none", "bias", "lsq")
+RIDGES = (1e-3, 1e-2, 1e-1, 1.0)  # ridge="auto" picks one per layer on held-out calibration batches
+DEFAULT_RIDGE = 1e-3  # ridge="auto" with fewer than 5 batches (nothing to hold out)
 
 
 class ReconstructionWarning(UserWarning):
@@ -60,19 +62,27 @@ class _Layer:
 
 
 def reconstruct(teacher: nn.Module, pruned: nn.Module, plan: PruningPlan, space: PruningSpace, batches,
-                method: str = "lsq", *, positions: int = 16, ridge: float = 1e-3, seed: int = 0,
-                inplace: bool = False) -> nn.Module:
+                method: str = "lsq", *, positions: int = 16, ridge: float | str = "auto",
+                min_samples: float = 1.0, seed: int = 0, inplace: bool = False,
+                report: list | None = None) -> nn.Module:
     """The pruned model refit to reproduce ``teacher`` (see the module docstring), a copy unless ``inplace``.
 
     ``pruned`` is ``apply_plan(teacher, plan, ...)`` or ``slice_plan(teacher, plan, space)``, with the same module
     names. ``batches``: an iterable of image tensors (or ``(images, labels)`` pairs, labels ignored), normalised as
     the teacher expects; 512-1,024 images are enough. ``positions``: spatial positions sampled per image and layer.
-    ``method="none"`` returns the model as it is. The teacher is never modified."""
+    ``min_samples``: a layer with fewer samples than this many times its unknowns per output falls back to bias
+    compensation, with a :class:`ReconstructionWarning`. ``ridge``: times the mean diagonal of ``X^T X``, or
+    ``"auto"``: per layer, the one of :data:`RIDGES` that best reproduces every fifth calibration batch held out of
+    the fit (then all batches fit). ``report``: a list that gets one dict per refit layer (samples, unknowns,
+    method, ridge). ``method="none"`` returns the model as it is. The teacher is never modified."""
     method = check_method(method)
     if not isinstance(positions, int) or isinstance(positions, bool) or positions < 1:
         raise ConfigError(f"positions must be an int >= 1, got {positions!r}")
-    if not (isinstance(ridge, (int, float)) and not isinstance(ridge, bool) and ridge > 0 and math.isfinite(ridge)):
-        raise ConfigError(f"ridge must be a positive number, got {ridge!r}")
+    if ridge != "auto" and not (isinstance(ridge, (int, float)) and not isinstance(ridge, bool) and ridge > 0
+                                and math.isfinite(ridge)):
+        raise ConfigError(f"ridge must be 'auto' or a positive number, got {ridge!r}")
+    if not (isinstance(min_samples, (int, float)) and not isinstance(min_samples, bool) and 0 <= min_samples < 1e9):
+        raise ConfigError(f"min_samples must be a number >= 0, got {min_samples!r}")
     if not isinstance(plan, PruningPlan):
         raise PlanError(f"reconstruct expects a PruningPlan, got {type(plan).__name__}")
     space.validate(plan)
@@ -90,7 +100,7 @@ def reconstruct(teacher: nn.Module, pruned: nn.Module, plan: PruningPlan, space:
         with torch.no_grad():
             targets = _teacher_outputs(teacher, layers, images, positions, seed, method)
             for layer in layers:
-                _refit(net, layer, targets[layer.name], images, method, ridge)
+                _refit(net, layer, targets[layer.name], images, method, ridge, min_samples, report)
     finally:
         net.train(was_training)
         teacher.train(teacher_training)
@@ -206,7 +216,21 @@ def _teacher_outputs(teacher, layers, images, positions, seed, method):
 
 
 # ---------------------------------------------------------------------------------------------- refitting
-def _refit(net, layer: _Layer, target, images, method, ridge) -> None:
+def _held_out_ridge(gram, cross, w0) -> float:
+    """The ridge of :data:`RIDGES` whose fit on ``gram[0], cross[0]`` best reproduces the held-out batches
+    (``gram[1], cross[1]``): the held-out error is ``tr(W^T G W) - 2 tr(W^T C)`` up to a constant."""
+    best, best_err = DEFAULT_RIDGE, math.inf
+    for r in RIDGES:
+        w = solve(gram[0], cross[0], w0, r)
+        if w is None:
+            continue
+        err = float((w * (gram[1] @ w)).sum() - 2 * (w * cross[1]).sum())
+        if err < best_err:
+            best, best_err = r, err
+    return best
+
+
+def _refit(net, layer: _Layer, target, images, method, ridge, min_samples, report) -> None:
     modules = dict(net.named_modules())
     module = modules[layer.name]
     norm = modules[layer.norm] if layer.norm and module.bias is None else None
@@ -225,8 +249,10 @@ def _refit(net, layer: _Layer, target, images, method, ridge) -> None:
     groups = module.groups if isinstance(module, nn.Conv2d) else 1
     d = module.weight[0].numel()  # inputs per output: (in_channels / groups) * kh * kw
     out_pg = module.weight.shape[0] // groups
-    gram = torch.zeros(groups, d + 1, d + 1, dtype=torch.float64)
-    cross = torch.zeros(groups, d + 1, out_pg, dtype=torch.float64)
+    # ridge="auto": every fifth batch is held out to choose the ridge (RIDGES), then all of them fit
+    held = [ridge == "auto" and len(images) >= 5 and k % 5 == 4 for k in range(len(images))]
+    gram = torch.zeros(2, groups, d + 1, d + 1, dtype=torch.float64)  # [fit, held out]
+    cross = torch.zeros(2, groups, d + 1, out_pg, dtype=torch.float64)
     state = {"batch": 0, "n": 0}
 
     def hook(m, args):
@@ -239,8 +265,9 @@ def _refit(net, layer: _Layer, target, images, method, ridge) -> None:
                              "model must run its layers at the teacher's resolution")
         xg = x[:, :-1].reshape(len(x), groups, d)
         xg = torch.cat([xg, x[:, -1:].expand(-1, groups).unsqueeze(2)], 2)  # (n, g, d+1)
-        gram.add_(torch.einsum("ngi,ngj->gij", xg, xg).double())  # float32 products per batch, float64 sums
-        cross.add_(torch.einsum("ngi,ngo->gio", xg, y.reshape(len(y), groups, out_pg)).double())
+        part = int(held[k])
+        gram[part].add_(torch.einsum("ngi,ngj->gij", xg, xg).double())  # float32 products per batch, float64 sums
+        cross[part].add_(torch.einsum("ngi,ngo->gio", xg, y.reshape(len(y), groups, out_pg)).double())
         state["n"] += len(x)
         raise _Stop
 
@@ -257,15 +284,23 @@ def _refit(net, layer: _Layer, target, images, method, ridge) -> None:
     if not bool(torch.isfinite(gram).all()):
         raise ModelError(f"non-finite activations reach {layer.name} in the pruned model; check the model and the "
                          "calibration images")
-    n, live = state["n"], int((torch.diagonal(gram, dim1=1, dim2=2) > 0).sum(1).max())
-    if n < live:
+    n, live = state["n"], int((torch.diagonal(gram.sum(0), dim1=1, dim2=2) > 0).sum(1).max())
+    entry = {"layer": layer.name, "samples": n, "unknowns": live}
+    if report is not None:
+        report.append(entry)
+    if n < min_samples * live:
+        entry["method"] = "bias"
         warnings.warn(f"{layer.name}: {n} calibration samples for {live} unknowns per output; refit by bias "
                       "compensation instead (pass more calibration images)", ReconstructionWarning, stacklevel=3)
         _set_bias(module, mean_t - _mean_output(net, module, images))
         return
     w0 = _weights(module, groups, d, out_pg)
-    w = solve(gram, cross, w0, ridge)
+    if ridge == "auto":
+        ridge = _held_out_ridge(gram, cross, w0) if any(held) else DEFAULT_RIDGE
+    entry.update(method="lsq", ridge=ridge)
+    w = solve(gram.sum(0), cross.sum(0), w0, ridge)
     if w is None:
+        entry["method"] = "bias"
         warnings.warn(f"{layer.name}: the least-squares system is unstable; refit by bias compensation instead",
                       ReconstructionWarning, stacklevel=3)
         _set_bias(module, mean_t - _mean_output(net, module, images))
