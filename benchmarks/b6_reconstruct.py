@@ -15,15 +15,18 @@ unused). Connection genes on (the default). Plans per (budget, seed), all at the
   uniform     one width ratio for every group, channels by L1 (torch-pruning's uniform GroupMagnitudeImportance
               expressed as a plan of the space, so it can be reconstructed), the ratio bisected to the budget
 
-Recoveries of each plan (no training): recal (BN re-calibration only), bias (bias compensation alone), bias+recal
-(then BN re-calibration), lsq (the sequential least-squares refit, no re-calibration), lsq+recal (then BN re-calibration).
-Also: seconds and peak RSS growth per reconstruction, lsq at 256/512/1024/2048 calibration images (--sweep), and
-at the first budget 1-epoch KD fine-tunes of the GA's plan after recal and after lsq (--ft-epochs).
+Recoveries of each plan (no training): recal (BN re-calibration only), bias (bias compensation alone),
+bias+recal (then BN re-calibration), lsq (the sequential least-squares refit, no re-calibration), lsq+recal (then
+BN re-calibration), lsq-select (lsq, then BN re-calibration only where it scores higher on the fitness subset:
+what search() does). Also: seconds and peak RSS growth per reconstruction, lsq at 256/512/1024/2048 calibration
+images (--sweep), at the first budget KD fine-tunes of the GA's plan after recal and after lsq (--ft-epochs, and
+the shorter --ft-curve), and the refit-aware fitness's cost and rank agreement on --fidelity plans.
 Paired bootstrap CIs (seeds, then images) as B1s. Resumes: rows already in --out are kept.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import statistics
@@ -48,7 +51,7 @@ from evoprune.storage import write_json, write_text  # noqa: E402
 from evoprune.train import finetune  # noqa: E402
 
 PLANS = ("ga", "ga-refit", "random", "uniform")
-RECOVERIES = ("recal", "bias", "bias+recal", "lsq", "lsq+recal")
+RECOVERIES = ("recal", "bias", "bias+recal", "lsq", "lsq+recal", "lsq-select")
 
 
 class PeakRSS:
@@ -88,12 +91,31 @@ def uniform_plan(teacher, space, x, target_macs) -> PruningPlan:
     return plan(lo)
 
 
+_LAST: dict = {}  # the last lsq refit (plan, calibration images): lsq+recal and lsq-select start from it
+SELECT = {}  # "lsq-select" scores both candidates on the fitness subset: SELECT["x"], SELECT["y"] (set in main)
+
+
+def search_top1(model) -> float:
+    with torch.inference_mode():
+        return float((model.eval()(SELECT["x"]).argmax(1) == SELECT["y"]).float().mean())
+
+
 def recover(teacher, plan, space, recal_x, how, calib):
-    """The plan's model after the recovery ``how``, with the reconstruction's seconds and peak RSS growth."""
+    """The plan's model after the recovery ``how``, with the reconstruction's seconds and peak RSS growth.
+    ``lsq-select``: lsq, then BN re-calibration only if that scores higher on the fitness subset (as search does)."""
+    if how in ("lsq+recal", "lsq-select"):  # one refit serves lsq, lsq+recal and lsq-select
+        model, secs, peak = recover(teacher, plan, space, recal_x, "lsq", calib)
+        alt = recalibrate_bn(copy.deepcopy(model), recal_x)
+        if how == "lsq+recal":
+            return alt, secs, peak
+        return (alt if search_top1(alt) > search_top1(model) else model), secs, peak
+    key = (id(plan), id(calib[0]), len(calib), how)
+    if how == "lsq" and key in _LAST:
+        model, secs, peak = _LAST[key]
+        return copy.deepcopy(model), secs, peak
     model = slice_plan(teacher, plan, space)
     seconds, peak = 0.0, 0
-    method = {"recal": "none", "bias": "bias", "bias+recal": "bias", "lsq": "lsq", "lsq+recal": "lsq",
-              "recal+lsq": "lsq"}[how]
+    method = {"recal": "none", "bias": "bias", "bias+recal": "bias", "lsq": "lsq", "recal+lsq": "lsq"}[how]
     if how == "recal+lsq":
         recalibrate_bn(model, recal_x)
     if method != "none":
@@ -102,8 +124,11 @@ def recover(teacher, plan, space, recal_x, how, calib):
             model = reconstruct(teacher, model, plan, space, calib, method, inplace=True)
             seconds = time.perf_counter() - t0
         peak = mem.peak
-    if how in ("recal", "bias+recal", "lsq+recal"):
+    if how in ("recal", "bias+recal"):
         recalibrate_bn(model, recal_x)
+    if how == "lsq":
+        _LAST.clear()
+        _LAST[key] = copy.deepcopy(model), seconds, peak
     return model, seconds, peak
 
 
@@ -131,7 +156,8 @@ def fidelity(teacher, space, x, sx, sy, recal_x, report_set, frac, n) -> dict:
         for how in ("recal", "lsq", "recal+lsq"):
             model, secs, _ = recover(teacher, plan, space, recal_x, how, recal_x)
             row[f"report_{how}"] = float(correctness(model, report_set).mean())
-            row.setdefault("lsq_s", secs)
+            if how == "lsq":
+                row["lsq_s"] = secs
         row["cut"] = list(plan.cut)
         rows.append(row)
         log(f"fidelity plan {len(rows)}/{len(plans)}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
@@ -168,6 +194,7 @@ def main():
     p.add_argument("--budgets", default="0.25,0.1")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--plans", default=",".join(PLANS))
+    p.add_argument("--recoveries", default=",".join(RECOVERIES))
     p.add_argument("--population", type=int, default=30)
     p.add_argument("--elites", type=int, default=5)
     p.add_argument("--generations", type=int, default=4)
@@ -190,6 +217,7 @@ def main():
     if set(plans) - set(PLANS):
         p.error(f"unknown plan(s) {', '.join(sorted(set(plans) - set(PLANS)))}; choose from {', '.join(PLANS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
+    recoveries = [h for h in RECOVERIES if h in args.recoveries.split(",")]
     sweep = [int(s) for s in args.sweep.split(",") if s]
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"b6_reconstruct_{args.arch}{'_quick' if args.quick else ''}.json")
 
@@ -199,13 +227,14 @@ def main():
     data, report_set, sx, sy, recal_all, teacher = setup(ns)
     recal_x = recal_all[:args.recal_batches]
     x = sx[:1]
+    SELECT.update(x=sx, y=sy)
     space = PruningSpace.from_model(teacher, x)
     teacher_correct = correctness(teacher, report_set)
     results = {"settings": vars(args), "teacher": {"macs": space.base_macs, "params": space.base_params,
                                                    "top1_report": float(teacher_correct.mean())}, "rows": []}
     if out.exists():
         old = json.loads(out.read_text())
-        keep = ("plans", "sweep", "ft_epochs", "fidelity", "ft_curve")
+        keep = ("plans", "sweep", "ft_epochs", "fidelity", "ft_curve", "recoveries")
         if {k: v for k, v in old["settings"].items() if k not in keep} == \
                 {k: v for k, v in vars(args).items() if k not in keep}:
             results["rows"] = old["rows"]
@@ -262,7 +291,7 @@ def main():
     for frac in [float(b) for b in args.budgets.split(",")]:
         for seed in seeds:
             for name in plans:
-                for how in RECOVERIES:
+                for how in recoveries:
                     if (frac, seed, name, how, None) in done:
                         continue
                     plan, info = plan_of(frac, seed, name)
@@ -311,8 +340,9 @@ def render(results) -> str:
         mean = lambda k: statistics.mean(x[k] for x in r)  # noqa: E731
         lines += [f"Refit-aware fitness, {len(r)} MACs-matched plans (half random, half importance-seeded): "
                   f"{mean('eval_s_none'):.2f} s per evaluation without the refit, {mean('eval_s_lsq'):.2f} s with "
-                  f"it (+{fid['collect_s']:.0f} s per round to collect the teacher's Gram matrices); the full "
-                  f"sequential lsq {mean('lsq_s'):.1f} s per plan. Kendall tau:", "",
+                  f"it (+{fid['collect_s']:.0f} s per round to collect the teacher's Gram matrices)"
+                  + (f"; the full sequential lsq {mean('lsq_s'):.1f} s per plan" if mean("lsq_s") else "")
+                  + ". Kendall tau:", "",
                   "| pair | tau |", "|---|---|"] + [f"| {k} | {v:+.3f} |" for k, v in fid["tau"].items()] + [""]
         lines += ["Mean val-report top-1 over those plans: " + ", ".join(
             f"{k.removeprefix('report_')} {100 * v:.2f}" for k, v in fid["mean"].items())
@@ -340,7 +370,7 @@ def render(results) -> str:
         lines.append("")
         lines += ["Between plans, same recovery (row minus ga):", "", "| recovery | plan | ga minus plan [95 % CI] |",
                   "|---|---|---|"]
-        for how in ("recal", "lsq"):
+        for how in ("recal", "lsq", "lsq-select"):
             ga = [r for r in sub if r["plan"] == "ga" and r["recovery"] == how]
             for plan in dict.fromkeys(r["plan"] for r in sub):
                 if plan != "ga":

@@ -1,30 +1,36 @@
 """Structural distillation without training: refit the layers a plan changed so that, on a few hundred unlabeled
-images, the pruned network reproduces the teacher layer by layer.
+images, the pruned network reproduces the teacher layer by layer (:func:`reconstruct`).
 
 The step after surgery (:func:`evoprune.apply_plan` / :func:`evoprune.slice_plan`). Two methods:
 
 * ``"bias"``: bias compensation. Each changed layer's bias is shifted so that the mean of each kept output channel
-  equals the teacher's (a layer without a bias gets one).
+  equals the teacher's.
 * ``"lsq"``: the least-squares refit of He et al. and ThiNet (ICCV 2017). Each changed conv or linear layer, in
   forward order, gets the weights and bias that best map its inputs *in the pruned network* (already refit upstream)
   to the teacher's output of the same layer at the kept output channels (pre-BatchNorm: the teacher's BN statistics
   then fit, so no re-calibration is needed afterwards). The normal equations are solved in float64 with a ridge
-  ``lambda = ridge * mean(diag(X^T X))`` that pulls towards the pruned layer's current weights (the teacher's, sliced):
-  the rule is scale-free, and a direction the calibration images never excite (a 3x3 tap that only ever sees padding,
-  as in ResNet-18's 1x1 ``layer4``) keeps the teacher's weight instead of collapsing to zero.
+  ``lambda = r * mean(diag(X^T X))`` that pulls towards the layer's current weights (the teacher's, sliced): the rule
+  is scale-free, and a direction the calibration images never excite (a 3x3 tap that only ever sees padding, as in
+  ResNet-18's 1x1 ``layer4``) keeps the teacher's weight instead of collapsing to zero. ``r`` is chosen per layer
+  from :data:`RIDGES` by the error on every fifth calibration batch, held out of a first fit (B6: layers with few
+  samples per unknown, late in ResNet-18, pick 0.1-1; early ones 1e-3-1e-2).
+
+A bias-free conv read by a BatchNorm gets its bias folded into the BN's running mean (eval mode), so the refit
+model has exactly the parameters the plan gives; other layers without a bias get one.
 
 A layer is *changed* when it runs after the first conv/linear that lost input channels or the first cut connection
 unit; refitting an unchanged layer returns its weights (its targets are its own outputs), so that is harmless.
 Grouped and depthwise convs are solved group by group. Labels are never used: batches are images, and an
 ``(images, labels)`` pair contributes its images only.
 
-The least-squares pieces live in :mod:`evoprune.lsq`. Memory: per layer, a ``D x D`` float64 Gram matrix with ``D = in_channels / groups * kh * kw + 1`` (VGG16's widest
-conv, 512 inputs: 170 MB), plus the teacher's sampled outputs of every changed layer, ``images * positions *
-out_channels`` float32 (1,024 images, 16 positions, 512 channels: 32 MB a layer).
+The least-squares pieces live in :mod:`evoprune.lsq`. Memory: per layer, two ``D x D`` float64 Gram matrices (fit
+and held out) with ``D = in_channels / groups * kh * kw + 1`` (VGG16's widest conv, 512 inputs: 2 x 170 MB), plus
+the teacher's sampled outputs of every changed layer, ``images * positions * out_channels`` float32 (1,024 images,
+16 positions, 512 channels: 32 MB a layer).
 
-:class:`evoprune.grams.TeacherGrams` is the cheap variant for fitness: the teacher's per-layer Gram matrices over its own inputs
-are collected once per round; refitting a candidate is then a slice of them and a small solve per layer, no forward
-pass (:attr:`evoprune.FitnessConfig.reconstruct`).
+:class:`evoprune.grams.TeacherGrams` is the cheap variant for fitness: the teacher's per-layer Gram matrices over its
+own inputs are collected once per round; refitting a candidate is then a slice of them and a small solve per layer,
+no forward pass (``FitnessConfig(reconstruct="lsq")``).
 """
 from __future__ import annotations
 
