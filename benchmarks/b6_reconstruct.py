@@ -138,7 +138,8 @@ def fidelity(teacher, space, x, sx, sy, recal_x, report_set, frac, n) -> dict:
     and after the full sequential lsq; Kendall tau between them."""
     from deap import base
     from evoprune import Evaluator, register
-    plans, ev = [], {h: Evaluator(teacher, space, sx, sy, recal_x, FitnessConfig(reconstruct=h)) for h in ("none", "lsq")}
+    plans = []
+    ev = {h: Evaluator(teacher, space, sx, sy, recal_x, FitnessConfig(reconstruct=h)) for h in ("none", "lsq")}
     imp = channel_importance(teacher, space, x, "l1")
     for init in ("random", "importance"):
         tb = register(base.Toolbox(), space, ev["none"], macs_budget=frac * space.base_macs, importance=imp,
@@ -219,7 +220,8 @@ def main():
     seeds = [int(s) for s in args.seeds.split(",")]
     recoveries = [h for h in RECOVERIES if h in args.recoveries.split(",")]
     sweep = [int(s) for s in args.sweep.split(",") if s]
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"b6_reconstruct_{args.arch}{'_quick' if args.quick else ''}.json")
+    out = Path(args.out or ROOT / "benchmarks" / "results"
+               / f"b6_reconstruct_{args.arch}{'_quick' if args.quick else ''}.json")
 
     t_start = time.perf_counter()
     ns = argparse.Namespace(**vars(args))
