@@ -198,9 +198,7 @@ def _teacher_outputs(teacher, layers, images, positions, seed, method):
         def hook(module, args, y, layer=layer, gen=gen):
             idxs, rows, mean = out[layer.name]
             y = y.index_select(1 if isinstance(module, nn.Conv2d) else y.dim() - 1, layer.kept_out.to(y.device))
-            chan = y.transpose(0, 1).reshape(y.shape[1], -1) if isinstance(module, nn.Conv2d) else \
-                y.reshape(-1, y.shape[-1]).T
-            s = chan.double().sum(1).cpu(), chan.shape[1]
+            s = _channel_sums(module, y)
             mean = s if mean is None else (mean[0] + s[0], mean[1] + s[1])
             if method == "lsq":
                 idx = positions_of(y, positions, gen) if isinstance(module, nn.Conv2d) else None
@@ -249,8 +247,12 @@ def _refit(net, layer: _Layer, target, images, method, ridge, min_samples, repor
 
     idxs, rows, mean_t = target
     dev = device_of(net)
-    if method == "bias":
+
+    def compensate():  # bias compensation: each kept channel's mean set to the teacher's
         _set_bias(module, mean_t - _mean_output(net, module, images))
+
+    if method == "bias":
+        compensate()
         return
     groups = module.groups if isinstance(module, nn.Conv2d) else 1
     d = module.weight[0].numel()  # inputs per output: (in_channels / groups) * kh * kw
@@ -298,7 +300,7 @@ def _refit(net, layer: _Layer, target, images, method, ridge, min_samples, repor
         entry["method"] = "bias"
         warnings.warn(f"{layer.name}: {n} calibration samples for {live} unknowns per output; refit by bias "
                       "compensation instead (pass more calibration images)", ReconstructionWarning, stacklevel=3)
-        _set_bias(module, mean_t - _mean_output(net, module, images))
+        compensate()
         return
     w0 = _weights(module, groups, d, out_pg)
     if ridge == "auto":
@@ -309,7 +311,7 @@ def _refit(net, layer: _Layer, target, images, method, ridge, min_samples, repor
         entry["method"] = "bias"
         warnings.warn(f"{layer.name}: the least-squares system is unstable; refit by bias compensation instead",
                       ReconstructionWarning, stacklevel=3)
-        _set_bias(module, mean_t - _mean_output(net, module, images))
+        compensate()
         return
     module.weight.data.copy_(w.transpose(1, 2)[..., :d].reshape(module.weight.shape).to(module.weight))
     _set_bias(module, w.transpose(1, 2)[..., d].reshape(-1), absolute=True)
@@ -323,15 +325,21 @@ def _weights(module, groups, d, out_pg) -> torch.Tensor:
     return torch.cat([w, b.reshape(groups, out_pg, 1)], 2).transpose(1, 2)
 
 
+def _channel_sums(module, y) -> tuple[torch.Tensor, int]:
+    """``(sum of each output channel of y in float64, values per channel)``: channels are dim 1 of a conv's output,
+    the last dim of a linear's."""
+    chan = y.transpose(0, 1).reshape(y.shape[1], -1) if isinstance(module, nn.Conv2d) else y.reshape(-1, y.shape[-1]).T
+    return chan.double().sum(1).cpu(), chan.shape[1]
+
+
 def _mean_output(net, module, images) -> torch.Tensor:
     """The mean of each output channel of ``module`` in ``net`` over ``images`` (a forward stopped there)."""
     acc = {"sum": None, "n": 0}
 
     def hook(m, args, y):
-        chan = y.transpose(0, 1).reshape(y.shape[1], -1) if isinstance(m, nn.Conv2d) else y.reshape(-1, y.shape[-1]).T
-        s = chan.double().sum(1).cpu()
+        s, n = _channel_sums(m, y)
         acc["sum"] = s if acc["sum"] is None else acc["sum"] + s
-        acc["n"] += chan.shape[1]
+        acc["n"] += n
         raise _Stop
 
     handle = module.register_forward_hook(hook)
