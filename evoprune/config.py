@@ -13,16 +13,25 @@ from .runtime import check_runtime
 from .toolbox import CROSSOVERS, MUTATIONS
 
 
-METHODS = ("ga", "random", "init")
+METHODS = ("ga", "random", "init", "knapsack")
 TARGET_KINDS = ("macs", "params", "latency")
 
 
 @dataclass
 class SearchConfig:
-    """The search's settings. ``method``: ``"ga"`` (the genetic algorithm), or one of two baselines given the GA's
+    """The search's settings. ``method``: ``"ga"`` (the genetic algorithm), one of two baselines given the GA's
     evaluation budget (:meth:`evaluations`) and ranked by the same fitness: ``"random"`` (random search: random
     plans, ``init="random"``, repaired into the budget) or ``"init"`` (the GA's own initial population alone, as
-    many individuals as the GA evaluates)."""
+    many individuals as the GA evaluates), or ``"knapsack"`` (widths by dynamic programming over the cost table,
+    values from channel importance: :mod:`evoprune.knapsack`; one evaluation).
+
+    Each generation makes ``offspring`` children of the K elites (default ``population - elites``, the paper's),
+    with duplicates of the population or of each other mutated again (``dedupe``). With ``screen`` < 1 the
+    children are first scored on that share of the fitness images and re-calibration batches, and only the best
+    ``survivors`` (default ``elites``) are scored on all of them and may become parents (staged selection, after
+    EvoPress). At the end of a round the ``final_pool`` best distinct plans under the budget are re-scored on
+    images the search never selected on (``choose_x``/``choose_y`` of :func:`evoprune.search`) and the best there
+    is the round's plan."""
 
     rounds: int = 5
     generations: int = 4
@@ -34,7 +43,7 @@ class SearchConfig:
     target_kind: str = "macs"  # "macs", "params" or "latency" (measured on ``runtime``; the cost is then in ms)
     objective: str = "budget"  # "budget", "nsga2" or "topk"
     crossover: str = "paper"
-    mutation: str = "mixed"  # B1s (ResNet-18, 3 seeds): ahead of "guided" before fine-tuning, level after
+    mutation: str = "level"  # level-switch at equal cost (B7); "mixed" was the default before it
     importance: str = "l1"
     init: str = "importance"
     connections: bool = True
@@ -47,11 +56,28 @@ class SearchConfig:
     init_cut: float | None = None  # share of residual units the GA's initial plans cut; None: 0.2 for latency
     reconstruct: str = "lsq"  # each round's chosen model: "lsq" (least-squares refit), "bias" or "none" (B6)
     calib_images: int = CALIB_IMAGES  # unlabeled images (the first of recal_x) the reconstruction fits on
+    offspring: int | None = None  # children per generation; None: population - elites
+    screen: float = 1.0  # < 1: children scored first on this share of the fitness images (staged selection)
+    survivors: int | None = None  # screen < 1: the children re-scored on every image; None: elites
+    dedupe: bool = True  # duplicate children (of the population or each other) are mutated again
+    final_pool: int = 5  # plans re-scored on choose_x at the end of a round (1, or no choose_x: the best score)
+
+    def children(self) -> int:
+        """The children made per generation."""
+        return self.offspring if self.offspring is not None else self.population - self.elites
+
+    def survivor_count(self) -> int:
+        """The children scored on every fitness image per generation."""
+        if self.screen >= 1:
+            return self.children()
+        return min(self.children(), self.survivors if self.survivors is not None else self.elites)
 
     def evaluations(self) -> int:
-        """The fitness evaluations of one round of the GA at most (the initial population, then ``population -
-        elites`` children per generation): the budget the ``random`` and ``init`` baselines get."""
-        return self.population + self.generations * (self.population - self.elites)
+        """The fitness evaluations of one round of the GA at most, in full-subset units (the initial population,
+        then per generation the children, a screened one counting ``screen``, and the survivors re-scored): the
+        budget the ``random`` and ``init`` baselines get."""
+        per_gen = self.children() if self.screen >= 1 else self.children() * self.screen + self.survivor_count()
+        return self.population + math.ceil(self.generations * per_gen)
 
     def check(self):
         """Raise :class:`ConfigError` (its ``setting`` names the field) for the first setting out of range."""
@@ -65,6 +91,16 @@ class SearchConfig:
                 not 1 <= self.elites <= self.population:
             raise ConfigError(f"must be an int from 1 to the population size ({self.population}), got "
                               f"{self.elites!r}", setting="elites")
+        for name in ("offspring", "survivors"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ConfigError(f"must be an int >= 1 (or None), got {v!r}", setting=name)
+        if isinstance(self.screen, bool) or not isinstance(self.screen, (int, float)) or not 0 < self.screen <= 1:
+            raise ConfigError(f"must be a fraction in (0, 1], got {self.screen!r}", setting="screen")
+        if not isinstance(self.final_pool, int) or isinstance(self.final_pool, bool) or self.final_pool < 1:
+            raise ConfigError(f"must be an int >= 1, got {self.final_pool!r}", setting="final_pool")
+        if not isinstance(self.dedupe, bool):
+            raise ConfigError(f"must be True or False, got {self.dedupe!r}", setting="dedupe")
         check_probability("p_c", self.p_c)
         check_probability("p_mut", self.p_mut)
         if self.init_cut is not None:

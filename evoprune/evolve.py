@@ -7,11 +7,12 @@ from the last and the final model meets ``target``. :class:`Search` holds a run'
 
 * :meth:`Search.start_round`: the round's pruning space, channel importance, evaluator and toolbox, and its first
   population, evaluated (or the state a checkpoint left);
-* one generation (:meth:`Search.generation`): ``select`` K elites, :func:`vary` them into N-K children,
-  :meth:`Search.evaluate` the new ones (``toolbox.map``: SCOOP workers or serial), record the logbook row and
-  checkpoint;
-* :meth:`Search.finish_round`: choose the best plan under the budget, ``apply_plan``, re-calibrate BN, fine-tune,
-  measure and report.
+* one generation (:meth:`Search.generation`): ``select`` K elites, :func:`vary` them into N-K children (or
+  ``offspring``), mutate duplicates again, screen them on a share of the images if asked, :meth:`Search.evaluate`
+  the new ones (``toolbox.map``: SCOOP workers or serial), record the logbook row (with the population's
+  diversity) and checkpoint;
+* :meth:`Search.finish_round`: choose the plan (the best under the budget of a few re-scored on images the search
+  never selected on), ``apply_plan``, reconstruct, fine-tune, measure and report.
 
 :func:`search` is a short composition of these steps; the README shows the same loop written out. The state is
 checkpointed after every generation, so a killed search resumes to the same result.
@@ -23,7 +24,6 @@ import random
 import statistics
 import time
 import warnings
-from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -34,43 +34,22 @@ from deap import algorithms, base, tools
 from . import checkpoint as ckpt
 from .config import METHODS, TARGET_KINDS, SearchConfig
 from .errors import ConfigError
-from .export import layer_widths, model_bytes
+from .export import layer_widths
 from .fitness import Evaluator, FitnessConfig, recalibrate_bn, reference_score
 from .importance import channel_importance
 from .latency import LatencyTable, LatencyWarning
 from .models import output_classes
-from .operators import sel_budget
 from .plan import PruningPlan
+from .population import diversity, fresh
 from .progress import bar, status
 from .lsq import calibration_subset
 from .refit import reconstruct
 from .result import SearchResult, hypervolume
+from .round import Round, curse_reference, feasibility, final_choice, init_cut, model_row
 from .runtime import kernel_step
-from .runtime import measure as measure_latency
 from .space import PruningSpace
 from .surgery import apply_plan
 from .toolbox import creator_types, register
-
-
-@dataclass
-class Round:
-    """The state of one round, shared by the steps: the model it prunes and its space, the budget, the
-    evaluator, the toolbox, the population and its Pareto front, and every (score, cost) evaluated so far."""
-
-    k: int
-    model: nn.Module
-    space: PruningSpace
-    budget: float
-    evaluator: Evaluator
-    toolbox: base.Toolbox
-    feasible: Callable
-    table: LatencyTable | None = None
-    population: list = field(default_factory=list)
-    front: tools.ParetoFront = field(default_factory=tools.ParetoFront)
-    evaluated: list = field(default_factory=list)
-    gen: int = 0  # the last generation evaluated
-    last_gen: int = 0  # the generations this round runs (0 for the random and init baselines)
-    t0: float = field(default_factory=time.perf_counter)
 
 
 class Search:
@@ -85,7 +64,7 @@ class Search:
                  config: SearchConfig | None = None, fitness: FitnessConfig | None = None,
                  space_kwargs: dict | None = None, checkpoint_dir: str | None = None, progress: bool = True,
                  verbose: bool = True, latency_cache: str | None = None, map: Callable | None = None,
-                 **overrides):
+                 choose_x: torch.Tensor | None = None, choose_y: torch.Tensor | None = None, **overrides):
         config = _replace(config or SearchConfig(), overrides)
         config.check()
         fitness = fitness or FitnessConfig()
@@ -94,6 +73,13 @@ class Search:
             raise ConfigError(f"search expects an nn.Module, got {type(model).__name__}")
         self.config, self.fitness = config, fitness
         self.example_inputs, self.score_x, self.score_y, self.recal_x = example_inputs, score_x, score_y, recal_x
+        self.choose_x, self.choose_y = choose_x, choose_y
+        if choose_x is not None and (len(choose_x) == 0 or tuple(choose_x.shape[1:]) != tuple(score_x.shape[1:])
+                                     or (choose_y is None and fitness.metric != "kl")
+                                     or (choose_y is not None and len(choose_y) != len(choose_x))):
+            raise ConfigError(f"choose_x must be non-empty images shaped like score_x with one label each in choose_y "
+                              f"(labels may be None only with metric='kl'); got {tuple(choose_x.shape)} images and "
+                              f"{None if choose_y is None else len(choose_y)} labels", setting="choose_x")
         self.report, self.finetune, self.on_round = report, finetune, on_round
         self.checkpoint_dir, self.progress, self.verbose = checkpoint_dir, progress, verbose
         self.latency_cache, self.map = latency_cache, map
@@ -119,12 +105,13 @@ class Search:
         self.table0 = self._latency_table(model, self.space0) if self.timed else None
         if self.timed:
             self.table0.check_budget(config.target)
-        baseline = _model_row(model, example_inputs, config)
+        baseline = model_row(model, example_inputs, config)
         baseline["top1"] = report(model) if report else None
         creator_types()
         self.logbook = tools.Logbook()
-        self.logbook.header = ["round", "gen", "evals", "feasible", "best", "median"] + \
-            (["best_ms", "min_ms", "best_mmacs"] if self.timed else ["best_mmacs", "min_mmacs"]) + ["hv"]
+        self.logbook.header = ["round", "gen", "evals", "screened", "feasible", "best", "median"] + \
+            (["best_ms", "min_ms", "best_mmacs"] if self.timed else ["best_mmacs", "min_mmacs"]) + \
+            ["hv", "hamming", "distinct"]
         self.result = SearchResult([], [layer_widths(model)], [], [], [], self.logbook, baseline=baseline,
                                    cost="ms" if self.timed else "macs")
         if self.timed:  # the budget falls from the measured latency to the target in ms
@@ -165,9 +152,10 @@ class Search:
                            objective=config.objective, elites=config.elites, importance=importance,
                            crossover=config.crossover, mutation=config.mutation,
                            init="random" if config.method == "random" else config.init, latency=table,
-                           init_cut=_init_cut(config), map=self.map, **budgets)
-        rnd = Round(k, current, space, budget, evaluator, toolbox, _feasibility(space, **budgets), table,
+                           init_cut=init_cut(config), map=self.map, **budgets)
+        rnd = Round(k, current, space, budget, evaluator, toolbox, feasibility(space, **budgets), table,
                     last_gen=config.generations if config.method == "ga" else 0)
+        rnd.screen = evaluator.screening(config.screen) if config.screen < 1 else None
         state = self.state
         if state is not None and state.get("generation") is not None and state.get("round") == k:
             individual_cls = creator_types()[1]
@@ -177,7 +165,11 @@ class Search:
             rnd.gen = state["generation"]
             return rnd
         self.result.evaluated.append(rnd.evaluated)
-        rnd.population = toolbox.population(config.population if config.method == "ga" else config.evaluations())
+        if config.method == "knapsack":
+            rnd.population = [toolbox.knapsack()]
+        else:
+            rnd.population = toolbox.population(config.population if config.method == "ga" else
+                                                config.evaluations())
         try:
             self.evaluate(rnd, rnd.population, gen=0)
         except BaseException:
@@ -186,11 +178,35 @@ class Search:
         return rnd
 
     def generation(self, rnd: Round) -> None:
-        """One generation: K elites, N-K children (:func:`vary`), evaluated and recorded."""
-        elites = rnd.toolbox.select(rnd.population, self.config.elites)
-        children = vary(rnd.toolbox, elites, self.config.population - len(elites))
+        """One generation: K elites, their children (:func:`vary`; duplicates mutated again with ``dedupe``;
+        screened on a share of the images with ``screen`` < 1, the best ``survivors`` kept), evaluated and
+        recorded."""
+        c = self.config
+        elites = rnd.toolbox.select(rnd.population, c.elites)
+        children = vary(rnd.toolbox, elites, c.children())
+        if c.dedupe:
+            fresh(rnd.toolbox, children, rnd.population)
+        rnd.screened = 0
+        if rnd.screen is not None:
+            children = self._screen(rnd, children)
         rnd.population = [rnd.toolbox.clone(e) for e in elites] + children
         self.evaluate(rnd, rnd.population, gen=rnd.gen + 1)
+
+    def _screen(self, rnd: Round, children: list) -> list:
+        """The first stage of a staged generation: score ``children`` on the screening share of the images, keep
+        the best ``survivors`` (by ``select``) with their fitness cleared, for :meth:`evaluate` to score in full."""
+        todo = rnd.toolbox.settle(children)
+        unique = {}
+        for ind in todo:
+            unique.setdefault(tuple(ind), ind)
+        scores = dict(zip(unique, rnd.toolbox.map(rnd.screen, list(unique.values()))))
+        for ind in todo:
+            ind.fitness.values = scores[tuple(ind)]
+        rnd.screened = len(unique)
+        kept = [rnd.toolbox.clone(ind) for ind in rnd.toolbox.select(todo, self.config.survivor_count())]
+        for ind in kept:
+            del ind.fitness.values
+        return kept
 
     def evaluate(self, rnd: Round, population: list, gen: int) -> int:
         """Score the individuals of ``population`` without a fitness (each distinct genome once, through
@@ -218,8 +234,9 @@ class Search:
         and checkpoint; the pruned model is the next round's. Returns it."""
         config, fitness = self.config, self.fitness
         cost_budget = rnd.budget if config.target_kind in ("macs", "latency") else None
-        best = _choose(rnd.population + list(rnd.front), rnd.feasible, cost_budget)
+        best, choice_score, pool = final_choice(rnd, cost_budget, config.final_pool, self.choose_x, self.choose_y)
         plan = rnd.space.decode(best)
+        report_score = curse_reference(rnd, plan, fitness, self.report, self.recal_x, self.example_inputs)
         pruned = apply_plan(rnd.model, plan, self.example_inputs, space=rnd.space)
         t_refit = 0.0
         if config.reconstruct != "none":  # structural distillation from the round's unpruned model (B6)
@@ -240,7 +257,7 @@ class Search:
         if self.finetune is not None:
             pruned = self.finetune(pruned, rnd.k)
         base = self.result.baseline
-        row = _model_row(pruned, self.example_inputs, config)
+        row = model_row(pruned, self.example_inputs, config)
         row.update({
             "round": rnd.k, "budget": rnd.budget, "search_score": best.fitness.values[0],
             "top1_pruned": top1_pruned, "top1": self.report(pruned) if self.report else None,
@@ -248,7 +265,9 @@ class Search:
             "macs_pct": 100.0 * row["macs"] / base["macs"], "time_s": time.perf_counter() - rnd.t0,
             "evaluations": sum(r.get("evals", 0) for r in self.logbook if r["round"] == rnd.k),
             "cut": list(plan.cut), "reconstruct": config.reconstruct, "reconstruct_s": t_refit,
-            "bn_recalibrated": recal_after,
+            "bn_recalibrated": recal_after, "choice_score": choice_score, "choice_pool": pool,
+            "report_score": report_score,
+            "curse_pp": None if report_score is None else 100.0 * (best.fitness.values[0] - report_score),
         })
         if self.timed:
             row["predicted_ms"] = rnd.table.predict(plan)
@@ -311,9 +330,10 @@ class Search:
         if timed:  # MACs stay on record beside the latency
             costs["best_mmacs"] = round(rnd.space.cost_of(best)[0] / 1e6, 4)
         base_cost = rnd.table.base_ms if timed else rnd.space.base_macs
-        self.logbook.record(round=rnd.k, gen=rnd.gen, evals=n, feasible=len(ok), best=round(best.fitness.values[0], 6),
-                            median=round(statistics.median(scores), 6), **costs,
-                            hv=round(hypervolume(pop, base_cost, self.ref_score), 6))
+        self.logbook.record(round=rnd.k, gen=rnd.gen, evals=n, screened=getattr(rnd, "screened", 0), feasible=len(ok),
+                            best=round(best.fitness.values[0], 6), median=round(statistics.median(scores), 6),
+                            **costs, hv=round(hypervolume(pop, base_cost, self.ref_score), 6),
+                            **diversity(pop, rnd.space.layout))
         if self.verbose:
             status(self.logbook.stream)
 
@@ -322,7 +342,10 @@ def search(model: nn.Module, example_inputs: torch.Tensor, score_x: torch.Tensor
            **kwargs) -> SearchResult:
     """Run the multi-round GA and return a :class:`SearchResult` (its ``model`` is the final pruned model).
 
-    ``score_x``/``score_y``: the fitness subset (held out; never the images you report accuracy on).
+    ``score_x``/``score_y``: the fitness subset (held out; never the images you report accuracy on; with
+    ``fitness=FitnessConfig(metric="kl")`` the labels may be None). ``choose_x``/``choose_y``: more held-out images
+    (say the rest of the split ``score_x`` came from) on which the ``final_pool`` best plans of each round are
+    re-scored to choose its plan; without them the best fitness score wins.
     ``recal_x``: training batches for BN re-calibration. ``report(model) -> top-1``: the accuracy reported per round
     (on a separate split). ``finetune(model, round) -> model`` runs between rounds. Settings go in ``config`` or as
     keyword overrides (``rounds=``, ``generations=``, ``population=``, ``elites=``, ``p_c=``, ``p_mut=``,
@@ -371,21 +394,6 @@ def vary(toolbox: base.Toolbox, parents: list, n: int) -> list:
     return algorithms.varAnd(drawn, toolbox, cxpb=1.0, mutpb=toolbox.p_mut)[:n]
 
 
-def _model_row(model, example_inputs, config=None):
-    """params, size and MACs of ``model``; with a latency target also its latency measured on the runtime at batch
-    1 and at the latency batch."""
-    import torch_pruning as tp
-    macs, params = tp.utils.count_ops_and_params(model, example_inputs)
-    row = {"params": int(params), "size_mb": model_bytes(model) / 2**20, "macs": float(macs)}
-    if config is not None and config.target_kind == "latency":
-        kw = dict(runtime=config.runtime, threads=config.threads)
-        row["latency_ms"] = measure_latency(model, example_inputs, batch=1, **kw).median_ms
-        row["latency_batch"] = config.latency_batch
-        row["latency_batch_ms"] = row["latency_ms"] if config.latency_batch == 1 else \
-            measure_latency(model, example_inputs, batch=config.latency_batch, **kw).median_ms
-    return row
-
-
 def _replace(cfg, overrides):
     unknown = [k for k in overrides if not hasattr(cfg, k)]
     if unknown:
@@ -394,33 +402,6 @@ def _replace(cfg, overrides):
     for k, v in overrides.items():
         setattr(new, k, v)
     return new
-
-
-def _feasibility(space, macs_budget=None, params_budget=None, latency_budget=None):
-    def feasible(ind):
-        if latency_budget is not None:
-            return ind.fitness.values[1] <= latency_budget
-        if macs_budget is not None:
-            return ind.fitness.values[1] <= macs_budget
-        return space.cost_of(ind)[1] <= params_budget
-    return feasible
-
-
-def _init_cut(config) -> float:
-    """The share of residual units the initial plans cut: ``config.init_cut``, or by default 0.2 for a latency
-    target (random search cuts as many; on ResNet-18 at batch 1 a block cut buys latency cheaply, B5) and 0
-    otherwise."""
-    if config.init_cut is not None:
-        return config.init_cut
-    return 0.2 if config.target_kind == "latency" else 0.0
-
-
-def _choose(candidates, feasible, cost_budget):
-    """The best plan under the target: the highest score among feasible plans (lower cost on ties)."""
-    ok = [ind for ind in candidates if feasible(ind)]
-    if ok:
-        return max(ok, key=lambda ind: (ind.fitness.values[0], -ind.fitness.values[1]))
-    return sel_budget(candidates, 1, cost_budget if cost_budget is not None else float("inf"))[0]
 
 
 __all__ = ["Search", "Round", "search", "vary", "hypervolume", "SearchConfig", "SearchResult", "METHODS",

@@ -1,4 +1,4 @@
-"""Fitness: score a plan by top-1 (or loss) on a held-out subset, plus its analytic MACs.
+"""Fitness: score a plan by top-1 (or loss, or KL to the unpruned model) on a held-out subset, plus its cost.
 
 * **Faithful.** BatchNorm statistics are re-calibrated on a few fixed training batches before scoring (adaptive BN,
   as in EagleEye). Pruning shifts every downstream activation distribution, so without it the quick score ranks plans
@@ -6,14 +6,15 @@
 * **Fast.** Each plan is scored masked (no copy, full-size compute) or physically pruned (tensors sliced straight
   from the space's index maps, :func:`evoprune.slicing.slice_plan`: no graph trace), whichever is cheaper for its
   MACs; image models run channels-last; tensors stay in memory; the genes are checked and the plan validated once;
-  the last :data:`CACHE_SIZE` genomes are cached; inference mode.
+  the last :data:`CACHE_SIZE` genomes are cached; inference mode. :meth:`Evaluator.screening` scores on the first
+  share of the images and re-calibration batches only (the first stage of a staged search); the unpruned model's
+  outputs (for ``metric="kl"``) are computed once per process.
 * **Parallel-friendly.** An :class:`Evaluator` pickles to a few hundred bytes: the model and tensors are published
   once (:mod:`evoprune.engines`: SCOOP, a process pool or Dask) and every process loads them once, keeping
   the :data:`MAX_WORKERS` newest evaluators' state (a search makes one per round), so memory stays flat over rounds.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .bn import recalibrate_bn, restored_bn
 from .errors import ConfigError, EvaluationError, ModelError, PlanError
 from .genome import check_genes, decode
 from .models import check_finite
@@ -41,6 +43,7 @@ MAX_WORKERS = 2  # loaded fitness states a process keeps: this round's and the o
 CACHE_SIZE = 4096  # genomes whose fitness a process remembers (least recently used dropped first)
 
 
+METRICS = ("top1", "loss", "kl")
 WORST_SCORE = -math.inf
 """The score of a plan whose fitness call failed under ``on_error="worst"``: below every real score of every metric
 (top-1 is in [0, 1], minus a loss is in (-inf, 0]), so a crashed plan never wins a selection or joins a front."""
@@ -50,14 +53,15 @@ def reference_score(metric: str, num_classes: int) -> float:
     """The score of a chance-level classifier: top-1 0 for ``"top1"`` (anything above is better than nothing), minus
     the loss of the uniform prediction, ``-ln(num_classes)``, for ``"loss"``. The logbook's hypervolume and the
     Pareto plot measure plans against it."""
-    if metric == "loss":
+    if metric in ("loss", "kl"):  # KL to the teacher of the uniform prediction is at most ln(classes)
         return -math.log(max(2, int(num_classes)))
     return 0.0
 
 
 @dataclass
 class FitnessConfig:
-    metric: str = "top1"  # "top1" or "loss" (fitness is then minus the mean loss)
+    metric: str = "top1"  # "top1", "loss" (minus the mean loss) or "kl" (minus the mean KL to the unpruned model's
+    # outputs: needs no labels)
     bn_recalibration: bool = True
     batch_size: int = 500
     mode: str = "auto"  # "auto", "masked" or "physical"
@@ -73,8 +77,8 @@ class FitnessConfig:
     trace_dir: str | None = None  # if set, each process appends one line per evaluation to evals-<pid>.log there
 
     def check(self):
-        if self.metric not in ("top1", "loss"):
-            raise ConfigError(f"metric must be 'top1' or 'loss', got {self.metric!r}")
+        if self.metric not in METRICS:
+            raise ConfigError(f"must be 'top1', 'loss' or 'kl', got {self.metric!r}", setting="metric")
         if self.mode not in ("auto", "masked", "physical"):
             raise ConfigError(f"mode must be 'auto', 'masked' or 'physical', got {self.mode!r}")
         if self.on_error not in ("raise", "worst"):
@@ -103,15 +107,21 @@ class Evaluator:
     """``evaluator(individual) -> (score, cost)``: the DEAP ``evaluate`` function. The cost is the plan's MACs, or
     with ``latency`` (a :class:`evoprune.latency.LatencyTable` of ``space``) its predicted latency in ms.
 
-    ``score_x``/``score_y``: the held-out scoring subset (normalised inputs, int labels). ``recal_x``: a list of
-    input batches for BN re-calibration (taken from training data), or None to skip it. Build one per round.
+    ``score_x``/``score_y``: the held-out scoring subset (normalised inputs, int labels; with ``metric="kl"`` the
+    labels may be None). ``recal_x``: a list of input batches for BN re-calibration (taken from training data), or
+    None to skip it. Build one per round.
     """
+
+    fraction = 1.0  # the share of the images and re-calibration batches a call scores on (see screening)
 
     def __init__(self, model: nn.Module, space: PruningSpace, score_x: torch.Tensor, score_y: torch.Tensor,
                  recal_x=None, config: FitnessConfig | None = None, latency=None):
         config = config or FitnessConfig()
         config.check()
-        if len(score_x) == 0 or len(score_x) != len(score_y):
+        if score_y is None and config.metric != "kl":
+            raise ConfigError(f"metric {config.metric!r} needs labels (score_y); without labels use metric='kl'",
+                              setting="metric")
+        if len(score_x) == 0 or (score_y is not None and len(score_x) != len(score_y)):
             raise ConfigError(f"scoring data must be non-empty with one label per input "
                               f"({len(score_x)} inputs, {len(score_y)} labels)")
         if tuple(score_x.shape[1:]) != tuple(space.input_shape[1:]):
@@ -131,13 +141,27 @@ class Evaluator:
         publish(self.token, payload)
 
     def __getstate__(self):
-        return {"token": self.token, "config": self.config, "space": None}
+        return {"token": self.token, "config": self.config, "space": None, "fraction": self.fraction}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
 
     def __call__(self, individual) -> tuple[float, float]:
-        return _worker(self.token).evaluate(individual)
+        return _worker(self.token).evaluate(individual, self.fraction)
+
+    def screening(self, fraction: float) -> "Evaluator":
+        """This evaluator scoring on the first ``fraction`` of the images and of the re-calibration batches only:
+        the cheap first stage of a staged search (same published state; its scores are cached apart)."""
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+            raise ConfigError(f"must be a fraction in (0, 1], got {fraction!r}", setting="screen")
+        other = copy.copy(self)
+        other.fraction = float(fraction)
+        return other
+
+    def rescore(self, individual, x: torch.Tensor, y: torch.Tensor | None) -> float:
+        """The score of ``individual`` on other images ``x`` (labels ``y``), scored the same way (uncached, in this
+        process): the final choice re-scores its candidates on images the search never selected on."""
+        return _worker(self.token).evaluate_on(individual, x, y)
 
     def score_model(self, model: nn.Module) -> float:
         """Score a whole model (no plan) the way plans are scored, without BN re-calibration."""
@@ -183,9 +207,10 @@ class _Worker:
         self.memory_format = torch.channels_last if len(self.space.input_shape) == 4 else torch.contiguous_format
         self.model = payload["model"].to(self.device, memory_format=self.memory_format).eval()
         self.x = payload["score_x"].to(self.device).contiguous(memory_format=self.memory_format)
-        self.y = payload["score_y"].to(self.device)
+        self.y = None if payload["score_y"] is None else payload["score_y"].to(self.device)
         self.recal = [b.to(self.device).contiguous(memory_format=self.memory_format) for b in payload["recal_x"]]
         self.targets = None  # the unpruned model's soft targets on the recal batches, for finetune_steps
+        self.teacher_logp = None  # its log-probabilities on x, for metric="kl" (computed at the first score)
         self.example = self.x[:1]
         self.latency = payload.get("latency")
         self.grams = None  # TeacherGrams for reconstruct="lsq", collected at the first plan scored
@@ -193,12 +218,12 @@ class _Worker:
         self.calls = 0
         self.hits = 0
 
-    def evaluate(self, individual) -> tuple[float, float]:
+    def evaluate(self, individual, fraction: float = 1.0) -> tuple[float, float]:
         try:
             genes = check_genes(self.space, individual)  # once: decode and the cost reuse the array
         except PlanError as exc:
             return self._failed(individual, exc, None)
-        key = genes.tobytes()
+        key = genes.tobytes() + (b"" if fraction == 1.0 else repr(fraction).encode())
         hit = self.cache.get(key)
         if hit is not None:
             self.cache.move_to_end(key)
@@ -211,7 +236,7 @@ class _Worker:
             counts, active = self.space.layout.kept_counts(genes), self.space.layout.active_connections(genes)
             macs, _ = self.space.cost_from_counts(counts, active)
             cost = macs if self.latency is None else self.latency.predict_counts(counts, active)
-            score, loss = self._score_plan(plan, macs)
+            score, loss = self._score_plan(plan, macs, self._data(fraction))
             if not math.isfinite(loss):
                 raise EvaluationError(f"the scoring loss is {loss}")
         except Exception as exc:
@@ -221,6 +246,35 @@ class _Worker:
         if self.cfg.trace_dir:
             self._trace(key, result, time.perf_counter() - t0)
         return result
+
+    def _data(self, fraction: float, x=None, y=None):
+        """(images, labels, teacher log-probabilities or None, re-calibration batches) for one call: the first
+        ``fraction`` of this worker's, or the given images with all the batches."""
+        if x is not None:
+            x = x.to(self.device).contiguous(memory_format=self.memory_format)
+            return x, None if y is None else y.to(self.device), self._teacher(x), self.recal
+        n = max(1, round(fraction * len(self.x)))
+        m = max(1, round(fraction * len(self.recal))) if self.recal else 0
+        if self.cfg.metric == "kl" and self.teacher_logp is None:
+            self.teacher_logp = self._teacher(self.x)
+        t = None if self.teacher_logp is None else self.teacher_logp[:n]
+        return self.x[:n], None if self.y is None else self.y[:n], t, self.recal[:m]
+
+    def _teacher(self, x):
+        """The unpruned model's log-probabilities on ``x`` (metric "kl"), else None."""
+        if self.cfg.metric != "kl":
+            return None
+        bs = self.cfg.batch_size
+        with torch.inference_mode():
+            return torch.cat([torch.log_softmax(self.model(x[i:i + bs]).float(), 1) for i in range(0, len(x), bs)])
+
+    def evaluate_on(self, individual, x, y) -> float:
+        """The score of ``individual`` on ``x``/``y`` (no cache, errors raised)."""
+        genes = check_genes(self.space, individual)
+        plan = decode(self.space, genes, check=False)
+        macs, _ = self.space.cost_from_counts(self.space.layout.kept_counts(genes),
+                                              self.space.layout.active_connections(genes))
+        return float(self._score_plan(plan, macs, self._data(1.0, x, y))[0])
 
     def _remember(self, key, result) -> None:
         self.cache[key] = result
@@ -251,7 +305,7 @@ class _Worker:
         with open(os.path.join(self.cfg.trace_dir, f"evals-{os.getpid()}.log"), "a") as fh:
             fh.write(line)
 
-    def _score_plan(self, plan, macs):
+    def _score_plan(self, plan, macs, data):
         mode = self.cfg.mode
         if mode == "auto":
             mode = "physical" if macs < self.cfg.physical_below * self.space.base_macs else "masked"
@@ -264,23 +318,23 @@ class _Worker:
             self.grams.refit(self.model, net, plan, self.space)
             if steps:
                 self._distil(net, steps)
-            return self.score(net.to(memory_format=self.memory_format))
+            return self.score(net.to(memory_format=self.memory_format), data)
         if mode == "physical" or steps:
             net = slice_plan(self.model, plan, self.space, validate=False, example_inputs=self.example).eval()
             net = net.to(memory_format=self.memory_format)
             if self.cfg.bn_recalibration:
-                recalibrate_bn(net, self.recal)
+                recalibrate_bn(net, data[3])
             if steps:
                 self._distil(net, steps)
                 if self.cfg.bn_recalibration:
-                    recalibrate_bn(net, self.recal)
-            return self.score(net)
+                    recalibrate_bn(net, data[3])
+            return self.score(net, data)
         with masked(self.model, plan, self.space, validate=False) as net:
             if self.cfg.bn_recalibration:
                 with restored_bn(net):
-                    recalibrate_bn(net, self.recal)
-                    return self.score(net)
-            return self.score(net)
+                    recalibrate_bn(net, data[3])
+                    return self.score(net, data)
+            return self.score(net, data)
 
     def _distil(self, net, steps: int):
         """A few SGD steps distilling the unpruned model into ``net`` on the re-calibration batches: a short-term
@@ -300,59 +354,25 @@ class _Worker:
             opt.step()
         net.eval()
 
-    def score(self, net) -> tuple[float, float]:
+    def score(self, net, data=None) -> tuple[float, float]:
+        """(score, loss) of ``net`` on ``data`` (:meth:`_data`; default: all of this worker's images). The loss is
+        the cross-entropy, or with metric "kl" the mean KL(unpruned || net) over the images."""
+        x, labels, teacher, _ = data or self._data(1.0)
         correct, loss_sum = 0, 0.0
-        bs = self.cfg.batch_size
+        bs, kl = self.cfg.batch_size, self.cfg.metric == "kl"
         with torch.inference_mode():
-            for i in range(0, len(self.x), bs):
-                logits = net(self.x[i:i + bs])
-                y = self.y[i:i + bs]
+            for i in range(0, len(x), bs):
+                logits = net(x[i:i + bs])
+                if kl:
+                    logp = torch.log_softmax(logits.float(), 1)
+                    loss_sum += float(nn.functional.kl_div(logp, teacher[i:i + bs], reduction="sum", log_target=True))
+                    continue
+                y = labels[i:i + bs]
                 correct += int((logits.argmax(1) == y).sum())
                 loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-        loss = loss_sum / len(self.x)
-        score = correct / len(self.x) if self.cfg.metric == "top1" else -loss
+        loss = loss_sum / len(x)
+        score = correct / len(x) if self.cfg.metric == "top1" else -loss
         return score, loss
-
-
-def _bn_layers(net):
-    return [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-
-
-def recalibrate_bn(net: nn.Module, batches) -> nn.Module:
-    """Adaptive BN: recompute every BatchNorm's running statistics on ``batches`` (cumulative average), leaving
-    weights and every other layer (dropout included) in eval mode."""
-    bns = _bn_layers(net)
-    if not bns or not batches:
-        return net
-    momenta = [bn.momentum for bn in bns]
-    net.eval()
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None
-        bn.train()
-    try:
-        with torch.no_grad():
-            for x in batches:
-                net(x)
-    finally:
-        for bn, m in zip(bns, momenta):
-            bn.momentum = m
-        net.eval()
-    return net
-
-
-@contextlib.contextmanager
-def restored_bn(net: nn.Module):
-    """Put every BatchNorm's running statistics back as they were on exit."""
-    saved = [(bn, bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
-             for bn in _bn_layers(net)]
-    try:
-        yield net
-    finally:
-        for bn, mean, var, n in saved:
-            bn.running_mean.copy_(mean)
-            bn.running_var.copy_(var)
-            bn.num_batches_tracked.copy_(n)
 
 
 def _describe(space: PruningSpace, individual) -> str:

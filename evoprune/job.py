@@ -90,8 +90,9 @@ def run(model: nn.Module, data: ImageData, out_dir: str | Path, opts: JobOptions
     else:
         resume.remove_stale_checkpoint(out, verbose)
     search_set, report_set = val_splits(data.val, opts.seed)
-    score_set = search_set.stratified_sample(min(opts.score_samples, len(search_set)), seed=opts.seed)
+    score_set, choose_set = _score_and_choose(search_set, opts)
     score_x, score_y = normalize(score_set.images, *score_set.stats), score_set.labels
+    choose_x = None if choose_set is None else normalize(choose_set.images, *choose_set.stats)
     recal_x = _recal_batches(data.train, opts)
     example = score_x[:1]
     teacher = copy.deepcopy(model).eval() if opts.kd and opts.finetune_epochs > 0 else None
@@ -115,15 +116,16 @@ def run(model: nn.Module, data: ImageData, out_dir: str | Path, opts: JobOptions
                                 "normalization": asdict(data.train.stats)})
         files.extend(written.values())
 
-    fitness = FitnessConfig(bn_recalibration=bool(recal_x), device=opts.device, reconstruct=opts.fitness_reconstruct,
-                            calib_images=opts.calib_images)
+    fitness = FitnessConfig(metric=opts.metric, bn_recalibration=bool(recal_x), device=opts.device,
+                            reconstruct=opts.fitness_reconstruct, calib_images=opts.calib_images)
     settings = {**asdict(opts), "search_images": len(score_set), "report_images": len(report_set),
-                "fitness.metric": fitness.metric}
+                "choose_images": 0 if choose_set is None else len(choose_set), "fitness.metric": fitness.metric}
     result = search(model, example, score_x, score_y, recal_x=recal_x or None, report=report,
                     finetune=tune if opts.finetune_epochs > 0 else None, on_round=on_round,
                     config=opts.search_config(), fitness=fitness,
                     checkpoint_dir=str(out / resume.CHECKPOINT_DIR) if opts.resume else None, verbose=verbose,
-                    progress=verbose, map=map)
+                    progress=verbose, map=map, choose_x=choose_x,
+                    choose_y=None if choose_set is None else choose_set.labels)
     written = write_report(result, out, title=title, settings=settings)
     files.extend(written[k] for k in ("md", "json", "logbook", "pareto") if k in written)
     skipped = [] if "pareto" in written else [PARETO_SKIPPED]
@@ -136,6 +138,15 @@ def run(model: nn.Module, data: ImageData, out_dir: str | Path, opts: JobOptions
             status(f"evoprune: {line}")
     return JobResult(**{f.name: getattr(result, f.name) for f in fields(SearchResult)}, files=files,
                      skipped=skipped, settings=settings)
+
+
+def _score_and_choose(search_set, opts: JobOptions):
+    """(fitness subset, choice set): ``--score-samples`` stratified images of the search half, and the rest of it
+    (None if nothing is left), on which the round's final plan is chosen."""
+    n = min(opts.score_samples, len(search_set))
+    if n == len(search_set):
+        return search_set, None
+    return search_set.stratified_split(n, seed=opts.seed)
 
 
 def _engine(opts: JobOptions):

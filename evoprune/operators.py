@@ -143,6 +143,53 @@ def mut_mixed(individual, layout: Layout, ranks: Sequence[np.ndarray], indpb: fl
     return (individual,)
 
 
+def mut_level(individual, layout: Layout, ranks: Sequence[np.ndarray], cost, *, min_keep: int = 1,
+              round_to: int | None = None, levels: int = 16, conn_indpb: float = 0.0, swap_indpb: float = 0.0):
+    """Level-switch (after EvoPress): width moves from one group to another at equal cost. A random group gives up
+    one level (``size / levels`` channels, in multiples of ``round_to``; its least important kept ones go) and a
+    second group takes as many levels as fit in the cost freed (its most important removed ones come back), so a
+    child costs at most what its parent did and differs from it in one place. ``cost(counts, active)`` is the
+    plan cost (MACs, params or predicted ms) of per-group kept counts and active units. Geometrically many moves
+    (one half the time, two a quarter...); then about ``swap_indpb`` of every group's kept channels trade places
+    with removed ones (:func:`mut_swap`) and each connection gene flips with probability ``conn_indpb`` (the
+    repair that follows rebalances the widths around a toggled unit)."""
+    counts = [int(c) for c in layout.kept_counts(individual)]
+    active = layout.active_connections(individual)
+    sizes = layout.group_sizes
+    moves = 1
+    while moves < 4 and random.random() < 0.5:
+        moves += 1
+    for _ in range(moves if len(sizes) > 1 else 0):
+        a, b = random.sample(range(len(sizes)), 2)
+        step_a, step_b = (_level(sizes[i], levels, round_to) for i in (a, b))
+        if counts[a] - step_a < max(min_keep, 1) or counts[b] >= sizes[b]:
+            continue
+        before = cost(counts, active)
+        counts[a] -= step_a
+        while counts[b] < sizes[b]:
+            trial = counts[:b] + [min(sizes[b], counts[b] + step_b)] + counts[b + 1:]
+            if cost(trial, active) > before:
+                break
+            counts = trial
+    for i, want in enumerate(counts):
+        sl = layout.group_slice(i)
+        individual[sl] = _set_count(individual[sl], want, ranks[i])
+    if swap_indpb:
+        mut_swap(individual, layout, ranks, swap_indpb)
+    for j in range(layout.n_neurons, len(layout)):
+        if random.random() < conn_indpb:
+            individual[j] = 1 - individual[j]
+    return (individual,)
+
+
+def _level(size: int, levels: int, round_to: int | None) -> int:
+    """One level of a group's width: ``size / levels`` channels, a multiple of ``round_to`` (at least one)."""
+    step = max(1, round(size / levels))
+    if round_to and round_to > 1:
+        step = max(round_to, round(step / round_to) * round_to)
+    return min(step, size)
+
+
 def _weighted_sample(items: list, logits: list, n: int) -> list:
     """``n`` distinct items drawn without replacement with probabilities ``softmax(logits)``, seeded from Python's
     ``random``."""

@@ -101,13 +101,27 @@ SEARCH_FLAGS: dict[str, Flag] = {
                                      "topk", choices=("budget", "nsga2", "topk")),
     "crossover": Flag("--crossover", "paper (one-point at the p_c cut) or uniform (whole groups swap)",
                       choices=CROSSOVERS),
-    "mutation": Flag("--mutation", "guided (importance-biased flips), bitflip (the paper's), swap (which channels, "
-                                   "at constant widths), width (layer widths move) or mixed (width + swap)",
-                     choices=MUTATIONS),
-    "method": Flag("--method", "ga (the genetic algorithm), or a baseline at the GA's evaluation budget (population "
+    "mutation": Flag("--mutation", "level (level-switch: width moves between two layers at equal cost, plus a "
+                                   "channel swap and unit toggles), mixed (one layer's width moves + swap), guided "
+                                   "(importance-biased flips), bitflip (the paper's), swap (which channels, at "
+                                   "constant widths) or width (layer widths move)", choices=MUTATIONS),
+    "offspring": Flag("--offspring", "children per generation (default: --population minus --elites, the "
+                                     "paper's)", metavar="N", type=int, default=None),
+    "screen": Flag("--screen", "score children first on this share of the fitness images and re-calibration "
+                               "batches, and only the best --survivors on all of them (staged selection; 1 turns it "
+                               "off)", metavar="SHARE"),
+    "survivors": Flag("--survivors", "with --screen < 1: children per generation scored on every fitness image "
+                                     "(default: --elites)", metavar="N", type=int, default=None),
+    "dedupe": Flag("--no-dedupe", "keep duplicate children (by default a copy of a plan already in the "
+                                  "population is mutated again)", negated=True),
+    "final_pool": Flag("--final-pool", "best plans re-scored on the rest of the search half of val (images the "
+                                       "fitness never saw) to choose each round's plan; 1 takes the best fitness "
+                                       "score", metavar="N"),
+    "method": Flag("--method", "ga (the genetic algorithm), a baseline at the GA's evaluation budget (population "
                                "+ generations x (population - elites) plans per round, ranked by the same fitness): "
-                               "random (random search) or init (the GA's initial population alone)",
-                   choices=METHODS),
+                               "random (random search) or init (the GA's initial population alone), or knapsack "
+                               "(layer widths by dynamic programming over the cost table, values from channel "
+                               "importance; one evaluation)", choices=METHODS),
     "connections": Flag("--no-connections", "neuron chromosome only (no connection genes)", negated=True),
     "reconstruct": Flag("--reconstruct", "recovery of each round's chosen model before fine-tuning, on "
                                          "--calib-images unlabeled training images: lsq (least-squares refit of "
@@ -139,7 +153,11 @@ class JobOptions(SearchConfig):
     kd: bool = field(default=True, metadata=flag(
         "--no-kd", "fine-tune without distillation from the unpruned teacher", negated=True))
     score_samples: int = field(default=1000, metadata=flag(
-        "--score-samples", "images in the fitness subset (from the search half of val)"))
+        "--score-samples", "images in the fitness subset (from the search half of val; the rest of that half "
+                           "chooses each round's plan, see --final-pool)"))
+    metric: str = field(default="top1", metadata=flag(
+        "--metric", "fitness: top1, loss (cross-entropy) or kl (KL divergence to the unpruned model's outputs: no "
+                    "labels used)", choices=("top1", "loss", "kl")))
     recal_batches: int = field(default=20, metadata=flag(
         "--recal-batches", "training batches for BN re-calibration before scoring; 0 turns it off"))
     batch_size: int = 64
@@ -171,6 +189,8 @@ class JobOptions(SearchConfig):
         setting out of range."""
         if not _is_int(self.score_samples) or self.score_samples < 10:
             raise ConfigError(f"must be an int >= 10, got {self.score_samples!r}", setting="score_samples")
+        if self.metric not in ("top1", "loss", "kl"):
+            raise ConfigError(f"must be top1, loss or kl, got {self.metric!r}", setting="metric")
         if not _is_int(self.recal_batches) or self.recal_batches < 0:
             raise ConfigError(f"must be an int >= 0 (0 turns re-calibration off), got {self.recal_batches!r}",
                               setting="recal_batches")

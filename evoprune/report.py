@@ -15,11 +15,12 @@ from .errors import ConfigError
 from .result import SearchResult
 from .storage import atomic_write, write_json, write_text
 
-METRICS = ("top1", "loss")
+METRICS = ("top1", "loss", "kl")
 #: What to tell the user when pareto.png was not written because matplotlib is missing.
 PARETO_SKIPPED = "pareto.png skipped: pip install 'evoprune[plot]'"
 #: The y axis of pareto.png for each fitness metric.
-AXIS_LABELS = {"top1": "top-1 on the search split", "loss": "loss on the search split (lower is better)"}
+AXIS_LABELS = {"top1": "top-1 on the search split", "loss": "loss on the search split (lower is better)",
+               "kl": "KL to the unpruned model on the search split (lower is better)"}
 
 
 def have_matplotlib() -> bool:
@@ -37,7 +38,7 @@ def report_metric(settings: dict | None, metric: str | None = None) -> str:
     settings = settings or {}
     metric = metric or settings.get("fitness.metric") or settings.get("metric") or "top1"
     if metric not in METRICS:
-        raise ConfigError(f"must be 'top1' or 'loss', got {metric!r}", setting="metric")
+        raise ConfigError(f"must be 'top1', 'loss' or 'kl', got {metric!r}", setting="metric")
     return metric
 
 
@@ -70,14 +71,21 @@ def markdown(result: SearchResult, *, title: str, settings: dict | None = None) 
               "report split, never on the images the GA scored. Reduction is the parameter reduction vs round 0.", "",
               result.table(), ""]
     if result.rows:
-        lines += ["| round | search score | recovery | top-1 pruned (after recovery, before fine-tune) | MACs % of "
-                  "original | cut connections | evaluations |", "|---|---|---|---|---|---|---|"]
+        lines += ["The choice score is the chosen plan's score on the rest of the search split (images the fitness "
+                  "never saw; '-' when the best fitness score decided alone). The winner's curse is its search score "
+                  "minus its report-split top-1 under the same recovery (BN re-calibration): how much the search "
+                  "flattered it.", "",
+                  "| round | search score | choice score | winner's curse (pp) | recovery | top-1 pruned (after "
+                  "recovery, before fine-tune) | MACs % of original | cut connections | evaluations |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in result.rows:
             pre = "-" if r.get("top1_pruned") is None else f"{r['top1_pruned']:.4f}"
             recovery = {"lsq": "lsq refit", "bias": "bias + BN re-cal.", "none": "BN re-cal."}.get(
                 r.get("reconstruct", "none"), r.get("reconstruct"))
-            lines.append(f"| {r['round']} | {r['search_score']:.4f} | {recovery} | {pre} | {r['macs_pct']:.1f} | "
-                         f"{', '.join(r['cut']) or 'none'} | {r['evaluations']} |")
+            choice = "-" if r.get("choice_score") is None else f"{r['choice_score']:.4f}"
+            curse = "-" if r.get("curse_pp") is None else f"{r['curse_pp']:+.2f}"
+            lines.append(f"| {r['round']} | {r['search_score']:.4f} | {choice} | {curse} | {recovery} | {pre} | "
+                         f"{r['macs_pct']:.1f} | {', '.join(r['cut']) or 'none'} | {r['evaluations']} |")
         lines.append("")
     lines += ["## Per-layer widths (the paper's Table 5)", "", result.widths_table(), ""]
     return "\n".join(lines)
@@ -95,12 +103,12 @@ def logbook_csv(result: SearchResult) -> str:
 
 def _y(score: float, metric: str) -> float:
     """The plotted value of a fitness score: top-1 as is, loss as minus the score (the loss itself)."""
-    return -score if metric == "loss" else score
+    return -score if metric in ("loss", "kl") else score
 
 
 def _plottable(score: float, metric: str) -> bool:
     """Failed evaluations are scored as the worst (-inf, NaN, or below 0 for top-1); they are left out."""
-    return math.isfinite(score) and (metric == "loss" or score >= 0)
+    return math.isfinite(score) and (metric in ("loss", "kl") or score >= 0)
 
 
 def pareto_axes(result: SearchResult, *, metric: str = "top1", ax=None):
@@ -134,7 +142,7 @@ def pareto_axes(result: SearchResult, *, metric: str = "top1", ax=None):
     ax.set_title("evoprune: evaluated plans, Pareto fronts, chosen plans (*)")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="upper right" if metric == "loss" else "lower right")
+        ax.legend(fontsize=7, loc="upper right" if metric in ("loss", "kl") else "lower right")
     return ax
 
 

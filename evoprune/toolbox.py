@@ -1,7 +1,8 @@
 """The DEAP face of evoprune: register chromosome types and operators on a ``deap.base.Toolbox``.
 
 After ``register(toolbox, space, evaluate, macs_budget=...)`` the toolbox has ``individual``, ``population``,
-``mate``, ``mutate``, ``select``, ``evaluate``, ``map``, ``repair`` and ``settle``, so stock DEAP algorithms
+``mate``, ``mutate``, ``select``, ``evaluate``, ``map``, ``repair`` and ``settle`` (and, with a budget,
+``knapsack``: the individual of the knapsack allocation, :mod:`evoprune.knapsack`), so stock DEAP algorithms
 (``algorithms.eaSimple``, ``eaMuPlusLambda``) or a loop of your own work unchanged. ``individual`` (hence
 ``population``) and ``mutate`` are decorated with :func:`evoprune.operators.repair`, so new individuals and
 offspring always respect ``min_keep``, ``round_to`` and the budget. Each child is repaired once: ``mate`` marks its
@@ -24,6 +25,7 @@ from typing import Callable
 import numpy as np
 from deap import base, creator, tools
 
+from . import knapsack
 from . import operators as ops
 from .errors import ConfigError, check_probability
 from .importance import ranks as importance_ranks
@@ -34,7 +36,7 @@ FITNESS = "EvoPruneFitness"
 INDIVIDUAL = "EvoPruneIndividual"
 OBJECTIVES = ("nsga2", "topk", "budget")
 CROSSOVERS = ("paper", "uniform")
-MUTATIONS = ("guided", "bitflip", "swap", "width", "mixed")
+MUTATIONS = ("level", "mixed", "guided", "bitflip", "swap", "width")
 
 
 def creator_types():
@@ -127,10 +129,39 @@ class _RepairingEvaluate:
         return _RepairingEvaluate, (self.evaluate, None)
 
 
+def _plan_cost(space, params_budget, latency) -> Callable:
+    """``cost(counts, active)``: the cost the budget is in (predicted ms with a latency table, params with a params
+    budget, else MACs), for the level-switch mutation."""
+    if latency is not None:
+        return latency.predict_counts
+    i = 1 if params_budget is not None else 0
+    return lambda counts, active: space.cost_from_counts(counts, active)[i]
+
+
+def _knapsack_individual(icls, space, ranks, scores, cost, budget, fix):
+    """The individual of the knapsack allocation (:func:`evoprune.knapsack.allocate`) of ``space`` under
+    ``budget``: its widths, each group's most important channels, every unit active, repaired."""
+    layout = space.layout
+    active = np.ones(layout.n_connections, dtype=bool)
+
+    def individual(counts):
+        genes = []
+        for i, want in enumerate(counts):
+            genes.extend(ops._set_count([0] * layout.group_sizes[i], int(want), ranks[i]))
+        return fix(icls(genes + [1] * layout.n_connections))
+
+    def repaired(counts):
+        return [int(c) for c in layout.kept_counts(individual(counts))]
+
+    counts = knapsack.allocate(layout.group_sizes, scores, lambda cs: cost(cs, active), budget, repaired,
+                               min_keep=space.min_keep, round_to=space.round_to)
+    return individual(counts)
+
+
 def register(toolbox: base.Toolbox, space: PruningSpace, evaluate: Callable, *, p_c: float = 0.6,
              p_mut: float = 0.6, objective: str = "budget", elites: int = 5, macs_budget: float | None = None,
              params_budget: float | None = None, importance: dict | None = None, crossover: str = "paper",
-             mutation: str = "mixed", indpb: float | None = None, conn_indpb: float | None = None,
+             mutation: str = "level", indpb: float | None = None, conn_indpb: float | None = None,
              init: str = "importance", keep_range=(0.2, 1.0), init_spread: float = 0.3, init_global: float = 0.25,
              init_cut: float = 0.0,
              fill: float | None = 0.98, latency=None, latency_budget: float | None = None,
@@ -150,8 +181,10 @@ def register(toolbox: base.Toolbox, space: PruningSpace, evaluate: Callable, *, 
     residual units is cut with probability ``init_cut`` (default 0; ``evoprune.search`` uses 0.2 for latency
     targets, where depth cuts often buy the most). Sequential units (plain conv runs) start uncut: such a cut
     collapses accuracy until the network is fine-tuned, so seeding them wastes evaluations; mutation still cuts them.
-    ``mutation``: ``"mixed"`` (the default: one group's width moves, then about ``indpb`` of every group's kept
-    channels trade places with removed ones, uniformly; the repair rebalances the budget), ``"guided"``
+    ``mutation``: ``"level"`` (the default: level-switch, :func:`evoprune.operators.mut_level`: width moves between
+    two groups at equal cost, then about ``indpb`` of every group's kept channels trade places with removed ones and
+    each connection gene flips with probability ``conn_indpb``), ``"mixed"`` (one group's width moves, then the same
+    trade; the repair rebalances the budget), ``"guided"``
     (importance-biased flips), ``"swap"``, ``"width"`` or ``"bitflip"`` (the paper's, ``tools.mutFlipBit``).
     ``fill``: in budget mode, offspring under ``fill`` of the budget grow back towards it (None turns it off), so
     the search compares plan shapes at nearly equal MACs. ``latency``: a :class:`evoprune.latency.LatencyTable` of
@@ -216,7 +249,11 @@ builtin).
         toolbox.register("mate", ops.cx_paper, layout=layout, p_c=p_c)
     else:
         toolbox.register("mate", ops.cx_group_uniform, layout=layout)
-    if mutation == "guided":
+    if mutation == "level":
+        toolbox.register("mutate", ops.mut_level, layout=layout, ranks=ranks,
+                         cost=_plan_cost(space, params_budget, latency), min_keep=space.min_keep,
+                         round_to=space.round_to, conn_indpb=conn_indpb, swap_indpb=indpb)
+    elif mutation == "guided":
         toolbox.register("mutate", ops.mut_guided, layout=layout, ranks=ranks, indpb=indpb, conn_indpb=conn_indpb)
     elif mutation == "bitflip":
         toolbox.register("mutate", tools.mutFlipBit, indpb=indpb)
@@ -228,6 +265,11 @@ builtin).
         toolbox.register("mutate", ops.mut_mixed, layout=layout, ranks=ranks, indpb=indpb, conn_indpb=conn_indpb)
     toolbox.decorate("mate", _deferred(fix))
     toolbox.decorate("mutate", _repaired(fix))
+    limit = next((b for b in (latency_budget, macs_budget, params_budget) if b is not None), None)
+    if limit is not None:
+        toolbox.register("knapsack", _knapsack_individual, individual_cls, space, ranks,
+                         [np.asarray(importance[g.name]) for g in space.groups],
+                         _plan_cost(space, params_budget, latency), limit, fix)
     toolbox.register("settle", _pending_fixed, fix)  # repair the children mate left pending; returns the list
     toolbox.register("repair", ops.repair, space=space, ranks=ranks, fill=fill, **budgets)
     if objective == "nsga2":

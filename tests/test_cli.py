@@ -103,6 +103,21 @@ def test_prune_arch_tiny_on_an_imagefolder(imagefolder, tmp_path, capsys):
     assert "final   : top-1" in out
 
 
+def test_prune_knapsack_with_a_kl_fitness_and_a_final_choice(imagefolder, tmp_path, capsys):
+    """--method knapsack --metric kl: one evaluation, a label-free fitness; the rest of val's search half chooses,
+    and the report says so."""
+    code, out, err = run(capsys, "prune", "--arch", "tiny", "--data", imagefolder, "--out", tmp_path / "run",
+                         "--baseline-epochs", "1", *TINY_SEARCH, "--method", "knapsack", "--metric", "kl")
+    assert code == 0, err
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["settings"]["fitness.metric"] == "kl" and report["settings"]["method"] == "knapsack"
+    assert report["rows"][0]["evaluations"] == 1
+    assert report["settings"]["choose_images"] > 0
+    assert "choice score" in (tmp_path / "run" / "report.md").read_text()
+    header = (tmp_path / "run" / "logbook.csv").read_text().splitlines()[0]
+    assert "hamming" in header and "distinct" in header
+
+
 def test_prune_with_a_given_normalization_records_it(imagefolder, tmp_path, capsys):
     """--normalize MEAN/STD: the job scores, fine-tunes and reports with it, and the model card says so."""
     code, out, err = run(capsys, "prune", "--arch", "tiny", "--data", imagefolder, "--out", tmp_path / "run",
@@ -453,7 +468,8 @@ def test_inspect_flag_combinations(argv, message, tmp_path, capsys):
     ("--target-macs", "1.5", "target"), ("--score-samples", "3", "score_samples"),
     ("--recal-batches", "-1", "recal_batches"), ("--finetune-epochs", "-2", "finetune_epochs"),
     ("--normalize", "1,2/3", "normalize"), ("--normalize", "0.5/0", "normalize"),
-    ("--calib-images", "0", "calib_images"),
+    ("--calib-images", "0", "calib_images"), ("--offspring", "0", "offspring"), ("--screen", "1.5", "screen"),
+    ("--survivors", "0", "survivors"), ("--final-pool", "0", "final_pool"),
 ])
 def test_setting_errors_name_the_flag_not_the_python_name(flag, value, name, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sources, "load_data", lambda args: pytest.fail("the data were loaded"))
