@@ -22,7 +22,8 @@ evaluations):
   ga-paper    the paper's operators (--crossover paper --mutation bitflip) with the default final choice
   random      random search (method="random"); curve points are prefixes of one run
   init        the GA's initial population alone (method="init"); prefixes likewise
-  knapsack    widths by dynamic programming over the cost table, values from L1 importance (one evaluation)
+  knapsack    widths by dynamic programming over the cost table, values from L1 importance (one evaluation;
+              evoprune.knapsack's defaults, chosen on val-choose)
   l1-uniform  torch-pruning's uniform L1 allocation as a plan (one width ratio, bisected to the budget; at a
               latency budget with round_to = the channel block, torch-pruning's way to stay on fast kernels)
   l1-global   torch-pruning's global L1 allocation as a plan (scores / group mean, one threshold)
@@ -216,41 +217,92 @@ def plan_method(args, ctx, method, seed, budget_kw) -> Curve:
     return curve
 
 
+def nominal(results, evals: int) -> int:
+    """The curve point an evaluation count belongs to: the default GA's count at the nearest of GENS (a search
+    without duplicate rejection or with screening spends a few fewer), or the count itself for 0 or 1."""
+    a = results["settings"]
+    marks = [a["population"] + (a["population"] - a["elites"]) * g for g in GENS]
+    return evals if evals <= 1 else min(marks, key=lambda m: abs(m - evals))
+
+
+def at(results, row, evals):
+    """``row``'s point at the nominal count ``evals``, or its only point (a one-plan method), or None."""
+    if len(row["points"]) == 1:
+        return row["points"][0]
+    return next((p for p in row["points"] if nominal(results, p["evals"]) == evals), None)
+
+
+def paired(a_rows, b_rows, pick_a, pick_b):
+    """Mean a - b in pp over common seeds and images, bootstrap 95 % CI, verdict; or None."""
+    b_by = {r["seed"]: r for r in b_rows}
+    pairs = [(pick_a(r), pick_b(b_by[r["seed"]])) for r in a_rows if r["seed"] in b_by]
+    pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
+    if not pairs:
+        return None
+    mean, lo, hi = bootstrap_diff(np.stack([unbits(x["correct"]) for x, _ in pairs]),
+                                  np.stack([unbits(y["correct"]) for _, y in pairs]))
+    verdict = "better" if lo > 0 else ("worse" if hi < 0 else "no difference shown")
+    return f"{100 * mean:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]", verdict, len(pairs)
+
+
 def render(results) -> str:
     rows = results["rows"]
     lines = [f"Teacher top-1 on val-report: {results['teacher']['top1_report']:.4f}. Budget: {results['budget']}.", ""]
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    evals = sorted({p["evals"] for r in rows for p in r["points"]})
+    marks = sorted({nominal(results, p["evals"]) for r in rows for p in r["points"] if p["evals"] > 1})
     lines += ["### val-report top-1 of the plan chosen so far (mean ± sd over seeds), by evaluations", "",
-              "| method | seeds | " + " | ".join(f"{e} evals" for e in evals) + " | s per eval |",
-              "|---|---|" + "---|" * (len(evals) + 1)]
+              "Columns are the default GA's evaluation counts (30 + 25 per generation); a search without duplicate "
+              "rejection or with screening spends a few fewer (the JSON has the exact counts). One-plan methods "
+              "(knapsack: 1 evaluation, the L1 allocations: none) fill the first column.", "",
+              "| method | seeds | one plan | " + " | ".join(f"{e} evals" for e in marks) + " | s per eval |",
+              "|---|---|---|" + "---|" * (len(marks) + 1)]
+
+    def cell(vals):
+        if not vals:
+            return "-"
+        return f"{100 * statistics.mean(vals):.2f}" + (f" ± {100 * statistics.stdev(vals):.2f}" if len(vals) > 1
+                                                        else "")
     for m in methods:
         sub = [r for r in rows if r["method"] == m]
-        cells = []
-        for e in evals:
-            v = [p["top1_report"] for r in sub for p in r["points"] if p["evals"] == e]
-            cells.append(f"{100 * statistics.mean(v):.2f} ± {100 * statistics.stdev(v):.2f}" if len(v) > 1 else
-                         (f"{100 * v[0]:.2f}" if v else "-"))
-        rates = [r["points"][-1]["seconds"] / r["points"][-1]["evals"] for r in sub if r["points"][-1]["evals"]]
-        lines.append(f"| {m} | {len(sub)} | " + " | ".join(cells) + f" | {statistics.mean(rates):.2f} |"
-                     if rates else f"| {m} | {len(sub)} | " + " | ".join(cells) + " | - |")
-    lines += ["", "### Paired differences at each method's last point (ga minus method, pp, bootstrap 95 % CI)", ""]
-    base = {r["seed"]: r for r in rows if r["method"] == "ga"}
-    lines += ["| method | ga evals | method evals | ga minus method | verdict |", "|---|---|---|---|---|"]
+        one = [r["points"][0]["top1_report"] for r in sub if len(r["points"]) == 1]
+        cells = [cell([p["top1_report"] for r in sub if len(r["points"]) > 1 for p in r["points"]
+                       if nominal(results, p["evals"]) == e]) for e in marks]
+        rates = [r["points"][-1]["seconds"] / r["points"][-1]["evals"] for r in sub if r["points"][-1]["evals"] > 1]
+        rate = f"{statistics.mean(rates):.2f}" if rates else "-"
+        lines.append(f"| {m} | {len(sub)} | {cell(one)} | " + " | ".join(cells) + f" | {rate} |")
+    lines += ["", "### The last point of each method: search score, choice, recovery and the units its plans cut", "",
+              "| method | evals | search score | val-choose top-1 (after recovery) | val-report top-1 | seconds | "
+              "units cut (per seed) |", "|---|---|---|---|---|---|---|"]
     for m in methods:
-        sub = [r for r in rows if r["method"] == m and r["seed"] in base]
-        if m == "ga" or not sub:
+        last = [r["points"][-1] for r in rows if r["method"] == m]
+
+        def ms(key, scale=100.0):
+            v = [scale * p[key] for p in last if p[key] is not None and p[key] == p[key]]
+            return "-" if not v else f"{statistics.mean(v):.2f}" + (f" ± {statistics.stdev(v):.2f}" if len(v) > 1
+                                                                     else "")
+        cuts = "; ".join(", ".join(p["cut"]) or "none" for p in last)
+        lines.append(f"| {m} | {last[0]['evals']} | {ms('search_score')} | {ms('top1_choose')} | "
+                     f"{ms('top1_report')} | {ms('seconds', 1.0)} | {cuts} |")
+    base = [r for r in rows if r["method"] == "ga"]
+    lines += ["", "### ga minus each method at equal evaluations (pp, paired by seed and image, bootstrap 95 % CI)",
+              "", "One-plan methods are compared at their one plan. 'better'/'worse' only where the CI excludes 0.", "",
+              "| method | at | seeds | ga minus method | verdict |", "|---|---|---|---|---|"]
+    for m in methods:
+        sub = [r for r in rows if r["method"] == m]
+        if m == "ga":
             continue
-        for ga_at in sorted({p["evals"] for r in base.values() for p in r["points"]}):
-            if ga_at not in (130, max(p["evals"] for r in base.values() for p in r["points"])):
-                continue
-            a = np.stack([unbits(next(p for p in base[r["seed"]]["points"] if p["evals"] == ga_at)["correct"])
-                          for r in sub])
-            b = np.stack([unbits(r["points"][-1]["correct"]) for r in sub])
-            mean, lo, hi = bootstrap_diff(a, b)
-            verdict = "ga better" if lo > 0 else ("ga worse" if hi < 0 else "no difference shown")
-            lines.append(f"| {m} | {ga_at} | {sub[0]['points'][-1]['evals']} | {100 * mean:+.2f} "
-                         f"[{100 * lo:+.2f}, {100 * hi:+.2f}] | {verdict} |")
+        for e in (130, max(marks)) if marks else ():
+            res = paired(base, sub, lambda r: at(results, r, e), lambda r: at(results, r, e))
+            if res:
+                lines.append(f"| {m} | {e} evals | {res[2]} | {res[0]} | ga {res[1]} |")
+    lines += ["", "### Longer runs: the last curve point minus the 130-evaluation point, same runs", "",
+              "| method | seeds | last minus 130 evals | verdict |", "|---|---|---|---|"]
+    for m in methods:
+        sub = [r for r in rows if r["method"] == m and len(r["points"]) > 1 and
+               nominal(results, r["points"][-1]["evals"]) > 130]
+        res = paired(sub, sub, lambda r: r["points"][-1], lambda r: at(results, r, 130))
+        if res:
+            lines.append(f"| {m} (to {sub[0]['points'][-1]['evals']} evals) | {res[2]} | {res[0]} | {res[1]} |")
     ft = [r for r in rows if "top1_ft" in r]
     if ft:
         lines += ["", "### After the KD fine-tune (last point)", "", "| method | seeds | top-1 (mean ± sd) |",
@@ -258,8 +310,7 @@ def render(results) -> str:
         for m in methods:
             v = [r["top1_ft"] for r in ft if r["method"] == m]
             if v:
-                sd = f" ± {100 * statistics.stdev(v):.2f}" if len(v) > 1 else ""
-                lines.append(f"| {m} | {len(v)} | {100 * statistics.mean(v):.2f}{sd} |")
+                lines.append(f"| {m} | {len(v)} | {cell(v)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -309,6 +360,7 @@ def main():
     p.add_argument("--ft-lr", type=float, default=0.01)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None)
+    p.add_argument("--render", action="store_true", help="only re-render --out's tables and plot")
     args = p.parse_args()
     if args.quick:
         args.seeds, args.population, args.elites, args.generations, args.mult = "0", 6, 2, 1, 2
@@ -323,6 +375,11 @@ def main():
     out = Path(args.out or ROOT / "benchmarks" / "results" /
                f"b7_curves_{args.arch}_{tag}{'_quick' if args.quick else ''}.json")
 
+    if args.render:
+        results = json.loads(out.read_text())
+        write_text(out.with_suffix(".md"), render(results))
+        plot(results, out.with_suffix(".png"))
+        return
     data, report_set, sx, sy, recal_x, teacher = setup(args)
     search_set, _ = data.val.stratified_split(0.5, seed=0)
     choose_set = search_set.stratified_split(args.score_samples, seed=0)[1]  # the rest of val-search
@@ -342,8 +399,9 @@ def main():
                "teacher": {"top1_report": float(teacher_correct.mean())}, "rows": []}
     if out.exists():
         old = json.loads(out.read_text())
-        same = {k: v for k, v in old["settings"].items() if k not in ("methods", "seeds")} == \
-            {k: v for k, v in vars(args).items() if k not in ("methods", "seeds")}
+        free = ("methods", "seeds", "render")  # settings that do not change a row
+        same = {k: v for k, v in old["settings"].items() if k not in free} == \
+            {k: v for k, v in vars(args).items() if k not in free}
         results["rows"] = old["rows"] if same else []
     done = {(r["method"], r["seed"]) for r in results["rows"]}
     log(f"{args.arch} at {budget_name}: teacher {teacher_correct.mean():.4f}; {len(done)} rows already measured")

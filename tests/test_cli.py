@@ -563,7 +563,7 @@ def test_the_parser_and_the_flag_names_come_from_the_same_declarations():
         elif name != "target_latency_ms":
             assert action.default == getattr(defaults, name) == default, name
             assert tuple(action.choices or ()) == tuple(spec.choices or ())
-    assert options.NEGATED == {"connections", "kd", "resume", "snap"}
+    assert options.NEGATED == {"connections", "dedupe", "kd", "resume", "snap"}
 
 
 def test_options_from_args_defaults_latency_target_and_switches():

@@ -142,16 +142,16 @@ def _slow_scoring(seconds):
     score = fitness._Worker._score_plan
     if getattr(score, "slowed", False):
         return
-    def slow(self, plan, macs):
+    def slow(self, plan, macs, data):
         time.sleep(seconds)
-        return score(self, plan, macs)
+        return score(self, plan, macs, data)
     slow.slowed = True
     fitness._Worker._score_plan = slow
 
 
 def _failing_scoring():
     from evoprune import fitness
-    def fail(self, plan, macs):
+    def fail(self, plan, macs, data):
         raise RuntimeError("injected worker failure")
     fitness._Worker._score_plan = fail
 

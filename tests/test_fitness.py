@@ -84,7 +84,7 @@ def test_a_failing_fitness_call_fails_fast_naming_the_plan(setup, monkeypatch):
     model, space, imp, x, y, recal = setup
     ev = Evaluator(model, space, x, y, recal)
 
-    def boom(self, plan, macs):
+    def boom(self, plan, macs, data):
         raise RuntimeError("kaboom")
     monkeypatch.setattr(fit._Worker, "_score_plan", boom)
     with pytest.raises(EvaluationError) as err:
@@ -95,7 +95,7 @@ def test_a_failing_fitness_call_fails_fast_naming_the_plan(setup, monkeypatch):
 
 def test_nan_loss_fails_fast_or_scores_worst_by_policy(setup, monkeypatch):
     model, space, imp, x, y, recal = setup
-    monkeypatch.setattr(fit._Worker, "_score_plan", lambda self, plan, macs: (0.5, float("nan")))
+    monkeypatch.setattr(fit._Worker, "_score_plan", lambda self, plan, macs, data: (0.5, float("nan")))
     with pytest.raises(EvaluationError, match="nan"):
         Evaluator(model, space, x, y, recal)(uniform(space, imp, 0.8))
     lenient = Evaluator(model, space, x, y, recal, FitnessConfig(on_error="worst"))
@@ -119,7 +119,7 @@ def test_a_failed_plan_scores_below_every_real_plan_and_never_wins_a_selection(s
     worst_real = min(ind.fitness.values[0] for ind in real)
     real_score = fit._Worker._score_plan
     crashed = ind_cls(uniform(space, imp, 0.05))
-    monkeypatch.setattr(fit._Worker, "_score_plan", lambda self, plan, macs: (_ for _ in ()).throw(OSError("x")))
+    monkeypatch.setattr(fit._Worker, "_score_plan", lambda self, plan, macs, data: (_ for _ in ()).throw(OSError("x")))
     with pytest.warns(UserWarning, match="scored as worst"):
         crashed.fitness.values = Evaluator(model, space, x, y, recal, cfg)(crashed)
     monkeypatch.setattr(fit._Worker, "_score_plan", real_score)

@@ -26,11 +26,11 @@ if os.environ.get("TINY_SEARCH_FAIL_AFTER"):  # a test hook: in every process (S
 
     _score_plan, _calls = fitness._Worker._score_plan, [0]
 
-    def _fail_late(self, plan, macs):
+    def _fail_late(self, plan, macs, data):
         _calls[0] += 1
         if _calls[0] > int(os.environ["TINY_SEARCH_FAIL_AFTER"]):
             raise RuntimeError("injected failure")
-        return _score_plan(self, plan, macs)
+        return _score_plan(self, plan, macs, data)
     fitness._Worker._score_plan = _fail_late
 
 
