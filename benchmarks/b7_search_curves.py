@@ -323,11 +323,12 @@ def plot(results, path):
     for m in dict.fromkeys(r["method"] for r in rows):
         sub = [r for r in rows if r["method"] == m]
         for ax, key in zip(axes, ("evals", "seconds")):
-            xs = sorted({p["evals"] for r in sub for p in r["points"]})
-            mx = [statistics.mean(p[key] for r in sub for p in r["points"] if p["evals"] == e) for e in xs]
-            my = [100 * statistics.mean(p["top1_report"] for r in sub for p in r["points"] if p["evals"] == e)
-                  for e in xs]
-            ax.plot(mx, my, marker="o" if len(xs) > 1 else "s", label=m)
+            xs = sorted({nominal(results, p["evals"]) for r in sub for p in r["points"]})
+            pts = [[p for r in sub for p in r["points"] if nominal(results, p["evals"]) == e] for e in xs]
+            mx = [statistics.mean(p[key] for p in ps) for ps in pts]
+            my = [100 * statistics.mean(p["top1_report"] for p in ps) for ps in pts]
+            ax.plot(mx, my, marker="o" if len(xs) > 1 else "s",
+                    label=m + (f" ({len(sub)} seed)" if len(sub) == 1 else ""))
     for ax, label in zip(axes, ("fitness evaluations", "seconds (search; recovery excluded)")):
         ax.set_xlabel(label)
         ax.set_ylabel("val-report top-1 of the plan chosen so far (%)")

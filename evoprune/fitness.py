@@ -123,7 +123,7 @@ class Evaluator:
                               setting="metric")
         if len(score_x) == 0 or (score_y is not None and len(score_x) != len(score_y)):
             raise ConfigError(f"scoring data must be non-empty with one label per input "
-                              f"({len(score_x)} inputs, {len(score_y)} labels)")
+                              f"({len(score_x)} inputs, {0 if score_y is None else len(score_y)} labels)")
         if tuple(score_x.shape[1:]) != tuple(space.input_shape[1:]):
             raise ModelError(f"scoring inputs have shape {tuple(score_x.shape[1:])} per sample, the space was built "
                              f"for {tuple(space.input_shape[1:])}")

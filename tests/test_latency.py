@@ -212,6 +212,21 @@ def test_a_deap_user_gets_latency_as_an_objective(table):
         register(base.Toolbox(), other, ev, latency=tab, latency_budget=1.0)
 
 
+def test_knapsack_and_level_switch_work_in_predicted_milliseconds(table):
+    """Under a latency budget the knapsack allocates and the level-switch trades width at equal predicted ms, on
+    the widths the table times (multiples of round_to)."""
+    model, space, tab = table
+    budget = 0.5 * tab.base_ms
+    tb = register(base.Toolbox(), space, lambda ind: (0.0, 0.0), latency=tab, latency_budget=budget, seed=0)
+    ind = tb.knapsack()
+    counts = space.layout.kept_counts(ind)
+    assert tab.predict_genes(ind) <= budget
+    assert all(c % 8 == 0 or c == g.size for c, g in zip(counts, space.groups))
+    for parent in tb.population(6):
+        (child,) = tb.mutate(tb.clone(parent))
+        assert tab.predict_genes(child) <= budget
+
+
 # ------------------------------------------------------------------------------------------------ command line
 
 def test_prune_with_a_latency_target_from_the_command_line(imagefolder, tmp_path, capsys, monkeypatch):
