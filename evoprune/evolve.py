@@ -196,9 +196,7 @@ class Search:
         """The first stage of a staged generation: score ``children`` on the screening share of the images, keep
         the best ``survivors`` (by ``select``) with their fitness cleared, for :meth:`evaluate` to score in full."""
         todo = rnd.toolbox.settle(children)
-        unique = {}
-        for ind in todo:
-            unique.setdefault(tuple(ind), ind)
+        unique = _distinct(todo)
         scores = dict(zip(unique, rnd.toolbox.map(rnd.screen, list(unique.values()))))
         for ind in todo:
             ind.fitness.values = scores[tuple(ind)]
@@ -213,9 +211,7 @@ class Search:
         ``toolbox.map``), update the front, record logbook row ``gen`` and checkpoint. Returns the calls made."""
         label = f"round {rnd.k}/{self.config.rounds} gen {gen}/{self.config.generations}" if self.progress else None
         todo = rnd.toolbox.settle([ind for ind in population if not ind.fitness.valid])
-        unique = {}
-        for ind in todo:
-            unique.setdefault(tuple(ind), ind)
+        unique = _distinct(todo)
         scores = rnd.toolbox.map(rnd.toolbox.evaluate, list(unique.values()))
         with bar(scores, total=len(unique), desc=label, unit="plan", enabled=label is not None) as scores:
             results = dict(zip(unique, scores))
@@ -381,6 +377,14 @@ def search(model: nn.Module, example_inputs: torch.Tensor, score_x: torch.Tensor
             rnd.evaluator.release()
     run.result.model = run.current
     return run.result
+
+
+def _distinct(individuals) -> dict:
+    """``{genome: the first individual with it}``: each distinct plan is scored once."""
+    unique = {}
+    for ind in individuals:
+        unique.setdefault(tuple(ind), ind)
+    return unique
 
 
 def vary(toolbox: base.Toolbox, parents: list, n: int) -> list:
