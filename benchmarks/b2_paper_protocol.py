@@ -1,70 +1,300 @@
-"""B2, the paper's protocol on VGG16: N=30, K=5, p_c=0.6, p_mut=0.6, T=5 rounds, fine-tuning between rounds.
+"""B2, the paper's protocol end to end: T=5 rounds of N=30, K=5, p_c=0.6, p_mut=0.6, with today's defaults between
+rounds (lsq reconstruction from the round's unpruned model, then a KD fine-tune from the original teacher), down to
+the paper's parameter counts, beside the paper's Tables 2, 3 and 5 and a torch-pruning control.
 
-    python benchmarks/b2_paper_protocol.py --quick     # 1 generation per round, short fine-tunes
-    python benchmarks/b2_paper_protocol.py
+    python benchmarks/b2_paper_protocol.py --arch resnet18_tv --seed 0          # ends at <= 0.1 M params
+    python benchmarks/b2_paper_protocol.py --arch vgg16_bn --seed 0             # ends at <= 0.3 M params
+    python benchmarks/b2_paper_protocol.py --arch resnet18_tv --quick           # smoke test (tiny search, no FT)
+    python benchmarks/b2_paper_protocol.py --render                             # tables + plot from the JSONs
 
-It runs the same job as ``examples/vgg16_cifar.py`` (report files in benchmarks/results/b2_run[_quick]/) and
-writes benchmarks/results/b2_paper_protocol[_quick].json with our per-round rows and per-layer widths beside the
-paper's Tables 2, 3 and 5. MACs are torch-pruning's count (the paper's "FLOPS" column is quoted as printed).
-ResNet18 is not run here: it has no trained teacher in ../shared (see BENCHMARKS.md).
+Per network and seed it runs two methods, each resumable (kill it and rerun the same command):
+- ``ga``: the prune job (``evoprune.job.run``, as ``examples/*_cifar.py --target-params`` runs it) with a params
+  budget falling geometrically from the teacher's count to ``--target-params`` over the 5 rounds. Its files and
+  checkpoint are in ``benchmarks/results/b2_<arch>_s<seed>/``.
+- ``l1-uniform``: the control. Each round, torch-pruning's uniform L1 allocation (one width ratio for every layer,
+  bisected to the GA's parameter count of that round, no block cut) of the previous round's control model, then
+  the same recovery and fine-tune (same calibration images, same BN re-calibration rule, same KD teacher, epochs,
+  learning rate and seed).
+
+Per round it records params, size, MACs, ONNX Runtime latency at batch 1 (1 thread, measured after the run, on each
+method's model side by side), top-1 on val-report after the reconstruction and after the fine-tune, the search's
+wall time and the per-layer widths. Results: ``benchmarks/results/b2_<arch>.json`` (a ``runs`` entry per method
+and seed), rendered to ``b2_<arch>.md`` and ``b2_paper_protocol.png``.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import json
+import math
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from evoprune import job  # noqa: E402
-from evoprune.data import load_images  # noqa: E402
-from evoprune.models import load_weights, vgg16_bn_cifar  # noqa: E402
-from evoprune.storage import write_json  # noqa: E402
+from evoprune import PruningPlan, PruningSpace, apply_plan, job, reconstruct  # noqa: E402
+from evoprune.bn import recalibrate_bn  # noqa: E402
+from evoprune.data import load_images, normalize, normalized  # noqa: E402
+from evoprune.export import layer_widths, model_bytes  # noqa: E402
+from evoprune.importance import channel_importance  # noqa: E402
+from evoprune.lsq import calibration_subset  # noqa: E402
+from evoprune.models import load_weights, resnet18_tv, vgg16_bn_cifar  # noqa: E402
+from evoprune.options import JobOptions  # noqa: E402
+from evoprune.runtime import measure  # noqa: E402
+from evoprune.storage import torch_save, write_json, write_text  # noqa: E402
+from evoprune.train import evaluate, finetune  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
-PAPER_TABLE2_VGG16 = [  # round, params M, MB, top-1, reduction %, FLOPS 1e6 (as printed)
-    (1, 13.2, 53.438, 0.8571, 7, 60.1), (2, 3.1, 11.882, 0.8597, 21, 48.5), (3, 0.9, 3.578, 0.8551, 29, 40.8),
-    (4, 0.5, 1.787, 0.8473, 55, 29.5), (5, 0.3, 1.243, 0.8374, 60, 11.2)]
-PAPER_TABLE3_VGG16_S = [543.81, 491.52, 488.79, 246.66, 219.34]
-PAPER_TABLE5_VGG16 = {  # conv index (1-based) -> widths after rounds 1..5
+RESULTS = ROOT / "benchmarks" / "results"
+NETS = {"resnet18_tv": (resnet18_tv, "resnet18_tv_cifar10.pt", 0.1e6),
+        "vgg16_bn": (vgg16_bn_cifar, "vgg16_bn_cifar10.pt", 0.3e6)}
+# The paper's Table 2 (round, params M, size MB, top-1, reduction %, FLOPS as printed) and Table 3 (search s).
+PAPER = {
+    "vgg16_bn": {"baseline": 0.8571, "rows": [(1, 13.2, 53.438, 0.8571, 7, 60.1), (2, 3.1, 11.882, 0.8597, 21, 48.5),
+                                              (3, 0.9, 3.578, 0.8551, 29, 40.8), (4, 0.5, 1.787, 0.8473, 55, 29.5),
+                                              (5, 0.3, 1.243, 0.8374, 60, 11.2)],
+                 "search_s": [543.81, 491.52, 488.79, 246.66, 219.34]},
+    "resnet18_tv": {"baseline": 0.7223, "rows": [(1, 11.2, 42.707, 0.7223, 5, 1.800), (2, 3.0, 11.529, 0.7213, 26, 1.080),
+                                                 (3, 0.9, 3.591, 0.7223, 30, 0.736), (4, 0.3, 1.218, 0.7234, 33, 0.590),
+                                                 (5, 0.1, 0.460, 0.6558, 33, 0.502)],
+                    "search_s": [367.83, 332.46, 330.61, 166.83, 148.36]},
+}
+# The paper's Table 5: VGG16 conv widths after rounds 1..5 (conv index, 1-based).
+PAPER_TABLE5_VGG16 = {
     1: [64, 39, 24, 15, 9], 2: [64, 52, 42, 34, 28], 3: [128, 116, 105, 95, 86], 4: [128, 122, 116, 111, 106],
     5: [256, 231, 208, 188, 170], 6: [256, 128, 64, 32, 16], 7: [256, 128, 64, 32, 16],
     **{i: [512, 205, 82, 33, 14] for i in range(8, 14)}}
 
 
+def log(msg: str) -> None:
+    print(time.strftime("%H:%M:%S"), msg, file=sys.stderr, flush=True)
+
+
+def options(args, target_fraction: float) -> JobOptions:
+    """The paper's GA settings, the project's defaults otherwise, a params budget."""
+    opts = JobOptions(rounds=5, population=30, elites=5, p_c=0.6, p_mut=0.6, target=target_fraction,
+                      target_kind="params", finetune_epochs=args.ft_epochs, seed=args.seed)
+    if args.quick:
+        opts.population, opts.elites, opts.generations, opts.score_samples, opts.recal_batches = 6, 2, 1, 200, 4
+        opts.final_pool = 2
+    return opts
+
+
+# ------------------------------------------------------------------------------------------------ the GA (the job)
+def run_ga(args, data, teacher, out_dir: Path, opts: JobOptions) -> dict:
+    t0 = time.perf_counter()
+    result = job.run(teacher, data, out_dir, opts, title=f"B2: the paper's protocol on {args.arch}",
+                     verbose=True, source={"arch": args.arch, "weights": args.weights})
+    rows = []
+    for row, widths in zip(result.rows, result.widths[1:]):
+        rows.append({"round": row["round"], "params": row["params"], "size_mb": row["size_mb"], "macs": row["macs"],
+                     "top1_reconstructed": row["top1_pruned"], "top1": row["top1"], "search_s": row["search_s"],
+                     "round_s": row["time_s"], "cut": row["cut"], "widths": widths,
+                     "bn_recalibrated": row["bn_recalibrated"], "budget_params": row["budget"]})
+    return {"baseline": result.baseline, "rows": rows, "wall_s": time.perf_counter() - t0,
+            "files": sorted(Path(f).name for f in result.files)}
+
+
+# ------------------------------------------------------------------------------- the control (torch-pruning L1)
+def uniform_params_plan(model, space, x, params_budget) -> PruningPlan:
+    """torch-pruning's uniform L1 allocation: the same keep ratio in every group (the highest-L1 channels), the
+    ratio bisected to the largest one whose parameter count is within ``params_budget``; no unit cut."""
+    imp = channel_importance(model, space, x, "l1")
+    order = {g.name: np.argsort(-np.asarray(imp[g.name]), kind="stable") for g in space.groups}
+
+    def plan(r):
+        groups = {g.name: tuple(sorted(int(i) for i in order[g.name][:max(1, math.ceil(r * g.size))]))
+                  for g in space.groups}
+        return PruningPlan(groups, {u.name: True for u in space.units}, fingerprint=space.fingerprint)
+    lo, hi = 0.0, 1.0
+    for _ in range(24):
+        mid = (lo + hi) / 2
+        if space.cost(plan(mid))[1] > params_budget:
+            hi = mid
+        else:
+            lo = mid
+    return plan(lo)
+
+
+def run_control(args, data, teacher, out_dir: Path, opts: JobOptions, ga_rows: list[dict]) -> dict:
+    """Round by round from the teacher: uniform L1 at the GA's parameter count, the job's recovery and fine-tune.
+    Resumes from ``out_dir/control_round<k>.pt`` (the model) and ``control.json`` (the rows)."""
+    data = normalized(data, opts.normalize)
+    search_set, report_set = job.val_splits(data.val, opts.seed)
+    score_set, _ = job._score_and_choose(search_set, opts)
+    sx, sy = normalize(score_set.images, *score_set.stats), score_set.labels
+    recal_x = job._recal_batches(data.train, opts)
+    calib = calibration_subset(recal_x, opts.calib_images)
+    x = sx[:1]
+    state_file = out_dir / "control.json"
+    rows = json.loads(state_file.read_text())["rows"] if state_file.is_file() else []
+    current = teacher
+    if rows:
+        current = torch.load(out_dir / f"control_round{len(rows)}.pt", weights_only=False).eval()
+    kd = copy.deepcopy(teacher).eval()
+
+    def top1_fit(m):
+        with torch.inference_mode():
+            return float((m.eval()(sx).argmax(1) == sy).float().mean())
+
+    for k in range(len(rows) + 1, len(ga_rows) + 1):
+        t0 = time.perf_counter()
+        space = PruningSpace.from_model(current, x)
+        plan = uniform_params_plan(current, space, x, ga_rows[k - 1]["params"])
+        pruned = reconstruct(current, apply_plan(current, plan, x, space=space), plan, space, calib, "lsq",
+                             seed=opts.seed, inplace=True)
+        alt = recalibrate_bn(copy.deepcopy(pruned), recal_x)
+        recal = top1_fit(alt) > top1_fit(pruned)  # the job's rule: keep re-calibration where it scores higher
+        pruned = alt if recal else pruned
+        top1_rec = evaluate(pruned, report_set, progress=False)
+        if opts.finetune_epochs > 0:
+            epochs = max(1, int(opts.finetune_epochs + 0.999))
+            steps = None if opts.finetune_epochs >= 1 else \
+                max(1, int(opts.finetune_epochs * len(data.train) / opts.batch_size))
+            finetune(pruned, data.train, epochs, teacher=kd, lr=opts.finetune_lr, batch_size=opts.batch_size,
+                     seed=opts.seed + k, progress=False, max_batches=steps)
+        pruned = pruned.cpu().eval()
+        import torch_pruning as tp
+        macs, params = tp.utils.count_ops_and_params(pruned, x)
+        rows.append({"round": k, "params": int(params), "size_mb": model_bytes(pruned) / 2**20, "macs": float(macs),
+                     "top1_reconstructed": top1_rec, "top1": evaluate(pruned, report_set, progress=False),
+                     "search_s": 0.0, "round_s": time.perf_counter() - t0, "cut": [],
+                     "widths": layer_widths(pruned), "bn_recalibrated": recal,
+                     "budget_params": ga_rows[k - 1]["params"]})
+        torch_save(pruned, out_dir / f"control_round{k}.pt")
+        write_json(state_file, {"rows": rows})
+        log(f"control round {k}: {params / 1e6:.3f} M params, top-1 {top1_rec:.4f} -> {rows[-1]['top1']:.4f}")
+        current = pruned
+    return {"rows": rows}
+
+
+def latencies(out_dir: Path, x, runs: dict) -> None:
+    """ONNX Runtime batch-1 latency of every round's model of every method, measured side by side (after the runs,
+    so that no search shares the cores with the timing)."""
+    for method, run in runs.items():
+        for row in run["rows"]:
+            if "onnx_ms" in row:
+                continue
+            name = f"round{row['round']}.pt" if method == "ga" else f"control_round{row['round']}.pt"
+            model = torch.load(out_dir / name, weights_only=False).eval()
+            row["onnx_ms"] = measure(model, x, runtime="onnxruntime", batch=1, threads=1, repeats=50).median_ms
+
+
+# ------------------------------------------------------------------------------------------------ rendering
+def render(archs=("resnet18_tv", "vgg16_bn")) -> str:
+    parts = []
+    for arch in archs:
+        path = RESULTS / f"b2_{arch}.json"
+        if not path.is_file():
+            continue
+        res = json.loads(path.read_text())
+        paper = PAPER[arch]
+        md = [f"### {arch}", ""]
+        for key, run in sorted(res["runs"].items()):
+            base = run["baseline"]
+            md += [f"**{key}** (teacher top-1 on val-report {base['top1']:.4f}, {base['params'] / 1e6:.2f} M params, "
+                   f"{base['macs'] / 1e6:.1f} MMACs, {base['onnx_ms']:.3f} ms):", "",
+                   "| round | params (M) | size (MB) | MMACs | ONNX ms (b1) | top-1 reconstructed | top-1 after FT "
+                   "| drop (pp) | search s | paper params (M) | paper top-1 | paper search s |",
+                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            for r, p in zip(run["rows"], paper["rows"]):
+                ps = paper["search_s"][r["round"] - 1] if paper["search_s"] else "–"
+                md.append(f"| {r['round']} | {r['params'] / 1e6:.3f} | {r['size_mb']:.3f} | {r['macs'] / 1e6:.2f} | "
+                          f"{r.get('onnx_ms', float('nan')):.3f} | {r['top1_reconstructed']:.4f} | {r['top1']:.4f} | "
+                          f"{100 * (base['top1'] - r['top1']):.2f} | {r['search_s']:.0f} | {p[1]} | {p[3]:.4f} | "
+                          f"{ps} |")
+            within = [r["round"] for r in run["rows"] if base["top1"] - r["top1"] <= 0.01]
+            md += ["", f"Last round within 1 pp of the teacher: "
+                       f"{('round ' + str(max(within)) + ' (' + format(run['rows'][max(within) - 1]['params'] / 1e6, '.3f') + ' M params)') if within else 'none'}.",
+                   ""]
+        parts.append("\n".join(md))
+    return "\n".join(parts)
+
+
+def plot(path: Path, archs=("resnet18_tv", "vgg16_bn")) -> bool:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    shown = [a for a in archs if (RESULTS / f"b2_{a}.json").is_file()]
+    if not shown:
+        return False
+    fig, axes = plt.subplots(1, len(shown), figsize=(6 * len(shown), 4.2), squeeze=False)
+    for ax, arch in zip(axes[0], shown):
+        res = json.loads((RESULTS / f"b2_{arch}.json").read_text())
+        paper = PAPER[arch]
+        ax.plot([r[1] for r in paper["rows"]], [r[3] for r in paper["rows"]], "k--o", label="paper (its teacher)")
+        for key, run in sorted(res["runs"].items()):
+            ax.plot([r["params"] / 1e6 for r in run["rows"]], [r["top1"] for r in run["rows"]], "-o", label=key)
+            ax.axhline(run["baseline"]["top1"], color="grey", lw=0.6)
+        ax.set_xscale("log")
+        ax.invert_xaxis()
+        ax.set_xlabel("params (M), per round")
+        ax.set_ylabel("top-1 after fine-tune (val-report; paper: its test set)")
+        ax.set_title(arch)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--arch", choices=sorted(NETS), default="resnet18_tv")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", default="ga,l1-uniform")
+    p.add_argument("--target-params", type=float, default=None,
+                   help="final parameter count (default: the paper's: 0.1e6 for ResNet-18, 0.3e6 for VGG16)")
+    p.add_argument("--ft-epochs", type=float, default=1.0)
+    p.add_argument("--quick", action="store_true", help="tiny search, 0.05-epoch fine-tunes: a smoke test")
     p.add_argument("--data", default=str(SHARED / "data" / "cifar10-jpeg-trainval.tar.gz"))
-    p.add_argument("--weights", default=str(SHARED / "models" / "vgg16_bn_cifar10.pt"))
-    p.add_argument("--target-macs", type=float, default=0.13,
-                   help="final MACs fraction; 0.13 is where the paper's Table 5 widths end (41.7 of 314.2 M)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--render", action="store_true", help="only render the tables and the plot from the JSONs")
     args = p.parse_args()
+    if args.render:
+        write_text(RESULTS / "b2_paper_protocol.md", render() + "\n")
+        plot(RESULTS / "b2_paper_protocol.png")
+        print(render())
+        return
     torch.set_num_threads(args.threads)
+    build, weights, default_target = NETS[args.arch]
+    args.weights = str(SHARED / "models" / weights)
+    if args.quick:
+        args.ft_epochs = 0.05
     tag = "_quick" if args.quick else ""
-    out_dir = ROOT / "benchmarks" / "results" / f"b2_run{tag}"
-    opts = job.JobOptions(rounds=5, population=30, elites=5, p_c=0.6, p_mut=0.6,
-                          generations=1 if args.quick else 4, target=args.target_macs,
-                          finetune_epochs=0.1 if args.quick else 1.0, score_samples=500 if args.quick else 1000,
-                          recal_batches=5 if args.quick else 20, seed=0)
-    t0 = time.perf_counter()
+    out_dir = RESULTS / f"b2_{args.arch}_s{args.seed}{tag}"
+    res_path = RESULTS / f"b2_{args.arch}{tag}.json"
+    res = json.loads(res_path.read_text()) if res_path.is_file() else {"runs": {}}
     data = load_images(args.data)
-    teacher = load_weights(vgg16_bn_cifar(), args.weights).eval()
-    result = job.run(teacher, data, out_dir, opts, title="B2: the paper's protocol on VGG16-BN")
-    convs = [name for name in result.widths[0] if name.startswith("features.")]
-    widths = {f"conv{i + 1} ({name})": {"ours": [w.get(name, 0) for w in result.widths[1:]],
-                                        "paper": PAPER_TABLE5_VGG16[i + 1]} for i, name in enumerate(convs)}
-    write_json(ROOT / "benchmarks" / "results" / f"b2_paper_protocol{tag}.json", {
-        "settings": {**vars(args), **vars(opts)}, "baseline": result.baseline, "rows": result.rows,
-        "paper_table2_vgg16": PAPER_TABLE2_VGG16, "paper_table3_vgg16_s": PAPER_TABLE3_VGG16_S,
-        "widths": widths, "wall_time_s": time.perf_counter() - t0})
-    print(result.table())
-    print(result.widths_table())
+    teacher = load_weights(build(), args.weights).eval()
+    n_params = sum(p.numel() for p in teacher.parameters())
+    target = args.target_params or default_target
+    opts = options(args, target / n_params)
+    methods = args.methods.split(",")
+    runs = {}
+    ga = run_ga(args, data, teacher, out_dir, opts)
+    runs["ga"] = ga
+    if "l1-uniform" in methods:
+        runs["l1-uniform"] = run_control(args, data, teacher, out_dir, opts, ga["rows"])
+    x = torch.zeros(1, 3, 32, 32)
+    base = {**ga["baseline"], "onnx_ms": measure(teacher, x, runtime="onnxruntime", batch=1, threads=1,
+                                                 repeats=20).median_ms}
+    latencies(out_dir, x, runs)
+    for method, run in runs.items():
+        res["runs"][f"{method} s{args.seed}"] = {"baseline": base, **run,
+                                                 "settings": {**asdict(opts), "target_params": target}}
+    write_json(res_path, res)
+    if not args.quick:
+        write_text(RESULTS / "b2_paper_protocol.md", render() + "\n")
+        plot(RESULTS / "b2_paper_protocol.png")
+    print(render() if not args.quick else json.dumps({k: [r["top1"] for r in v["rows"]] for k, v in runs.items()}))
 
 
 if __name__ == "__main__":

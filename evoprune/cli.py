@@ -168,13 +168,19 @@ def cmd_evaluate(args) -> int:
     return EXIT_OK
 
 
+#: Model-card entries ``evoprune export`` copies from the source model's card: how inputs are normalised and where
+#: the model came from (the round, its row and the split its top-1 is on).
+CARRIED_CARD_KEYS = ("normalization", "round", "row", "top1_split", "split_seed")
+
+
 def cmd_export(args) -> int:
     model = sources.load_model_file(args.model, trust=args.trust_pickle, purpose="export")
     shape = args.input_shape or sources.card_input_shape(args.model) or sources.DEFAULT_INPUT_SHAPE
-    formats = args.formats
+    # what the source's card says about its inputs and provenance travels with the model
+    carried = {k: v for k, v in sources.source_card(args.model).items() if k in CARRIED_CARD_KEYS}
     try:
-        written = export(model, args.out, sources.example_inputs(shape), formats=formats,
-                         extra={"source": str(args.model)})
+        written = export(model, args.out, sources.example_inputs(shape), formats=args.formats,
+                         extra={**carried, "source": str(args.model)})
     except (RuntimeError, TypeError, ValueError, AttributeError) as exc:  # tracing / saving failures
         raise ModelError(f"{args.model}: cannot be exported ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from None

@@ -97,7 +97,7 @@ def add_model_source(parser: argparse.ArgumentParser, *, arch_help: str, model_h
     source.add_argument("--arch", choices=ARCHS, help=arch_help)
     source.add_argument("--model", metavar="FILE.pt", help=model_help)
     parser.add_argument("--trust-pickle", action="store_true",
-                        help=TRUST_HELP + (". TorchScript files need no trust" if torchscript_ok else ""))
+                        help=TRUST_HELP + (". .pt2 and TorchScript files need no trust" if torchscript_ok else ""))
 
 
 def add_prune_arguments(parser: argparse.ArgumentParser, *, default_weights: str | None = None,
@@ -136,10 +136,10 @@ def build_parser() -> Parser:
     p = _command(sub, "demo", "the built-in job on generated data (no download)",
                  "Train a tiny CNN on generated images, then run a small 2-round search and write the compact "
                  "models and the full report. Needs no data and no download.",
-                 "writes into --out: round{k}.pt, round{k}.torchscript.pt, round{k}.json, report.md, report.json,\n"
-                 "logbook.csv and, with matplotlib (pip install 'evoprune[plot]'), pareto.png\n\n"
+                 "writes into --out: round{k}.pt, round{k}.pt2, round{k}.onnx (onnx extra), round{k}.json, report.md,\n"
+                 "report.json, logbook.csv and, with matplotlib (pip install 'evoprune[plot]'), pareto.png\n\n"
                  "top-1 figures are on the val-report half of the generated val images; to check one:\n"
-                 "  evoprune evaluate --model runs/demo/round2.torchscript.pt --data demo --split val-report\n"
+                 "  evoprune evaluate --model runs/demo/round2.pt2 --data demo --split val-report\n"
                  "(after 'demo --quick' use --data demo:quick; after 'demo --seed 3' use --data demo:3 --seed 3)")
     p.add_argument("--out", metavar="DIR", default="runs/demo", help="output directory")
     p.add_argument("--quick", action="store_true",
@@ -186,8 +186,8 @@ def build_parser() -> Parser:
                  "'evoprune prune' and 'evoprune demo' report top-1 on (--split val-report).",
                  "examples:\n"
                  "  evoprune evaluate --arch vgg16_bn --weights vgg16.pt --data cifar10/\n"
-                 "  evoprune evaluate --model runs/vgg16/round2.torchscript.pt --data cifar10/ --split val-report\n"
-                 "  evoprune evaluate --model runs/demo/round2.torchscript.pt --data demo --split val-report\n"
+                 "  evoprune evaluate --model runs/vgg16/round2.pt2 --data cifar10/ --split val-report\n"
+                 "  evoprune evaluate --model runs/demo/round2.pt2 --data demo --split val-report\n"
                  "    (the demo's data: --data demo:quick after 'demo --quick'; --data demo:3 --seed 3 after\n"
                  "    'demo --seed 3')")
     add_model_source(p, arch_help="built-in architecture (needs --weights)",
@@ -208,18 +208,19 @@ def build_parser() -> Parser:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
 
     # export -------------------------------------------------------------------------------------------------
-    p = _command(sub, "export", "write a saved model as TorchScript/ONNX + card",
+    p = _command(sub, "export", "write a saved model as torch.export/ONNX + card",
                  "Convert a saved Python model into deployment formats, check each against the original and write "
-                 "a JSON model card (STEM.json).",
-                 "writes STEM.pt, STEM.torchscript.pt, STEM.onnx (with the onnx extra installed) and STEM.json")
+                 "a JSON model card (STEM.json; it keeps the input normalisation of the source's card).",
+                 "writes STEM.pt, STEM.pt2 (torch.export), STEM.onnx (with the onnx extra installed) and STEM.json;\n"
+                 "--formats pt,pt2,onnx,torchscript adds TorchScript (deprecated in torch >= 2.9)")
     p.add_argument("--model", metavar="FILE.pt", required=True,
                    help="the model to export: a whole saved model (torch.save(model); needs --trust-pickle)")
     p.add_argument("--input-shape", type=input_shape, metavar="C,H,W",
                    help="input shape for tracing and checking (default: the input shape in the model's card "
                         "FILE.json if there is one, else 3,32,32)")
     p.add_argument("--out", metavar="STEM", required=True, help="output path without extension")
-    p.add_argument("--formats", type=formats_list, default="pt,torchscript,onnx", metavar="LIST",
-                   help="comma-separated formats among pt, torchscript, onnx")
+    p.add_argument("--formats", type=formats_list, default="pt,pt2,onnx", metavar="LIST",
+                   help="comma-separated formats among pt, pt2, onnx, torchscript (default: %(default)s)")
     p.add_argument("--trust-pickle", action="store_true", help=TRUST_HELP)
 
     # inspect ------------------------------------------------------------------------------------------------
@@ -230,7 +231,7 @@ def build_parser() -> Parser:
                  "examples:\n"
                  "  evoprune inspect --arch vgg16_bn\n"
                  "  evoprune inspect --arch vgg16_bn --weights vgg16.pt\n"
-                 "  evoprune inspect --model runs/demo/round2.torchscript.pt")
+                 "  evoprune inspect --model runs/demo/round2.pt --trust-pickle")
     add_model_source(p, arch_help="built-in architecture", model_help="a saved model (e.g. a pruned round{k}.pt)")
     p.add_argument("--weights", metavar="PT",
                    help="with --arch: a state_dict to load into it (tensors only, strictly); shows its layers")

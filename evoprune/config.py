@@ -91,6 +91,10 @@ class SearchConfig:
                 not 1 <= self.elites <= self.population:
             raise ConfigError(f"must be an int from 1 to the population size ({self.population}), got "
                               f"{self.elites!r}", setting="elites")
+        if self.offspring is None and self.elites == self.population:
+            raise ConfigError(f"equals the population size ({self.population}), so no generation makes a child and "
+                              "the search only scores its initial population; give fewer elites, or offspring "
+                              "(--offspring) > 0", setting="elites")
         for name in ("offspring", "survivors"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
@@ -105,6 +109,10 @@ class SearchConfig:
         check_probability("p_mut", self.p_mut)
         if self.init_cut is not None:
             check_probability("init_cut", self.init_cut)
+        for name in ("latency_batch", "threads"):  # checked with any target: a bad value is never silently unused
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"must be an int >= 1, got {v!r}", setting=name)
         if self.target_kind not in TARGET_KINDS:
             raise ConfigError(f"must be 'macs', 'params' or 'latency', got {self.target_kind!r}",
                               setting="target_kind")
@@ -113,14 +121,10 @@ class SearchConfig:
                     not 0 < self.target < math.inf:
                 raise ConfigError(f"must be a latency in ms > 0, got {self.target!r}", setting="target_latency_ms")
             check_runtime(self.runtime)  # known and installed (else names the extra)
-            for name in ("latency_batch", "threads"):
-                v = getattr(self, name)
-                if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                    raise ConfigError(f"must be an int >= 1, got {v!r}", setting=name)
         elif isinstance(self.target, bool) or not isinstance(self.target, (int, float)) or \
                 not 0 < self.target <= 1 or math.isnan(self.target):
-            raise ConfigError(f"must be a fraction in (0, 1] of the original MACs/params, got {self.target!r}",
-                              setting="target")
+            raise ConfigError(f"must be a fraction in (0, 1] of the original {self.target_kind.upper()}, got "
+                              f"{self.target!r}", setting="target" if self.target_kind == "macs" else "target_params")
         if self.objective not in ("budget", "nsga2", "topk"):
             raise ConfigError(f"must be 'budget', 'nsga2' or 'topk', got {self.objective!r}", setting="objective")
         if self.crossover not in CROSSOVERS:

@@ -56,6 +56,6 @@ def run_demo(out: str | Path, *, quick: bool, seed: int) -> job.JobResult:
     print(job.summary_lines(result, out))
     last = result.rows[-1]["round"]
     flag = f" --seed {seed}" if seed else ""
-    print(f"check a round: evoprune evaluate --model {out / f'round{last}.torchscript.pt'} --data "
+    print(f"check a round: evoprune evaluate --model {out / f'round{last}.pt2'} --data "
           f"{demo_data_name(quick, seed)} --split val-report{flag}")
     return result

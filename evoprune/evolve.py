@@ -229,6 +229,7 @@ class Search:
         """Choose the best plan under the budget, prune physically, re-calibrate BN, fine-tune, measure, report
         and checkpoint; the pruned model is the next round's. Returns it."""
         config, fitness = self.config, self.fitness
+        search_s = time.perf_counter() - rnd.t0
         cost_budget = rnd.budget if config.target_kind in ("macs", "latency") else None
         best, choice_score, pool = final_choice(rnd, cost_budget, config.final_pool, self.choose_x, self.choose_y)
         plan = rnd.space.decode(best)
@@ -255,10 +256,11 @@ class Search:
         base = self.result.baseline
         row = model_row(pruned, self.example_inputs, config)
         row.update({
-            "round": rnd.k, "budget": rnd.budget, "search_score": best.fitness.values[0],
+            "round": rnd.k, "budget": rnd.budget, "budget_kind": config.target_kind, "search_score": best.fitness.values[0],
             "top1_pruned": top1_pruned, "top1": self.report(pruned) if self.report else None,
             "reduction_pct": 100.0 * (1 - row["params"] / base["params"]),
             "macs_pct": 100.0 * row["macs"] / base["macs"], "time_s": time.perf_counter() - rnd.t0,
+            "search_s": search_s,
             "evaluations": sum(r.get("evals", 0) for r in self.logbook if r["round"] == rnd.k),
             "cut": list(plan.cut), "reconstruct": config.reconstruct, "reconstruct_s": t_refit,
             "bn_recalibrated": recal_after, "choice_score": choice_score, "choice_pool": pool,

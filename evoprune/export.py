@@ -1,7 +1,9 @@
-"""Export a (pruned) model for deployment: full-module .pt, TorchScript, ONNX, and a JSON model card.
+"""Export a (pruned) model for deployment: ``torch.export`` (an ExportedProgram, ``.pt2``), ONNX, the full-module
+``.pt`` (a pickle, for Python), TorchScript on request (deprecated in torch >= 2.9), and a JSON model card.
 
 Every file is written atomically, and every format is reloaded and checked against the in-memory model before
-``export`` returns.
+``export`` returns. The ``.pt2`` file loads with ``torch.export.load(path).module()`` and the ``.onnx`` file with
+ONNX Runtime, neither needing evoprune nor the model's Python classes; both take any batch size.
 """
 from __future__ import annotations
 
@@ -21,7 +23,9 @@ from .errors import ConfigError, ModelError
 from .plan import PruningPlan
 from .storage import atomic_write, torch_save, write_json
 
-FORMATS = ("pt", "torchscript", "onnx")
+FORMATS = ("pt", "pt2", "onnx", "torchscript")
+#: What :func:`export` writes by default: the deployment formats (``.pt2``, ONNX) and the Python ``.pt``.
+DEFAULT_FORMATS = ("pt", "pt2", "onnx")
 
 
 def layer_widths(model: nn.Module) -> dict[str, int]:
@@ -64,12 +68,16 @@ def model_card(model: nn.Module, example_inputs: torch.Tensor, *, plan: PruningP
 
 
 def export(model: nn.Module, path: str | os.PathLike, example_inputs: torch.Tensor,
-           formats=FORMATS, *, plan: PruningPlan | None = None, widths: dict | None = None,
-           extra: dict | None = None, atol: float = 1e-4) -> dict[str, str]:
-    """Write ``model`` as ``<stem>.pt`` (whole module), ``<stem>.torchscript.pt``, ``<stem>.onnx`` (when the
-    ``onnx`` extra is installed) and ``<stem>.json`` (model card). Returns ``{format: path}``.
+           formats=DEFAULT_FORMATS, *, plan: PruningPlan | None = None, widths: dict | None = None,
+           extra: dict | None = None, atol: float = 1e-4, optional=()) -> dict[str, str]:
+    """Write ``model`` in ``formats`` and a model card; return ``{format: path}``.
 
-    ``path`` is the ``.pt`` path or the stem. The TorchScript file runs with ``torch.jit.load`` without evoprune.
+    ``<stem>.pt`` (the whole module, pickled: loading it needs the model's classes and trust), ``<stem>.pt2``
+    (``torch.export``; dynamic batch), ``<stem>.onnx`` (when the ``onnx`` extra is installed; dynamic batch) and,
+    on request, ``<stem>.torchscript.pt`` (``torch.jit``, deprecated in torch >= 2.9), plus ``<stem>.json`` (the
+    model card, which lists the files written and why any was not). ``path`` is the ``.pt`` path or the stem.
+    A format in ``optional`` that cannot be written is skipped with a warning (the card says why) instead of
+    raising :class:`ModelError`.
     """
     formats = tuple(formats)
     unknown = [f for f in formats if f not in FORMATS]
@@ -82,12 +90,12 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: torch.Tens
                          "full-module .pt it came from)")
     was_training = model.training
     try:
-        return _export(model.eval(), Path(path), example_inputs, formats, plan, widths, extra, atol)
+        return _export(model.eval(), Path(path), example_inputs, formats, plan, widths, extra, atol, tuple(optional))
     finally:
         model.train(was_training)
 
 
-def _export(model, path, example_inputs, formats, plan, widths, extra, atol):
+def _export(model, path, example_inputs, formats, plan, widths, extra, atol, optional):
     try:
         with torch.no_grad():
             reference = model(example_inputs)
@@ -98,6 +106,16 @@ def _export(model, path, example_inputs, formats, plan, widths, extra, atol):
     if "pt" in formats:
         written["pt"] = str(stem.with_name(stem.name + ".pt"))
         torch_save(model, written["pt"])
+    skipped = {}
+    if "pt2" in formats:
+        try:
+            written["pt2"] = _export_program(model, example_inputs, stem.with_name(stem.name + ".pt2"), reference,
+                                             atol)
+        except ModelError as exc:
+            if "pt2" not in optional:
+                raise
+            skipped["pt2"] = str(exc)
+            warnings.warn(f"{exc}; the .pt2 file is not written", stacklevel=3)
     if "torchscript" in formats:
         written["torchscript"] = str(stem.with_name(stem.name + ".torchscript.pt"))
         with torch.no_grad(), warnings.catch_warnings():
@@ -113,27 +131,60 @@ def _export(model, path, example_inputs, formats, plan, widths, extra, atol):
             onnx_status = "skipped: install the onnx extra (pip install evoprune[onnx])"
             warnings.warn(f"ONNX export {onnx_status}", stacklevel=2)
         else:
-            written["onnx"] = str(stem.with_name(stem.name + ".onnx"))
-            _export_onnx(model, example_inputs, written["onnx"])
-            onnx_status = "written"
-            if importlib.util.find_spec("onnxruntime") is not None:
-                import onnxruntime as ort
-                sess = ort.InferenceSession(written["onnx"], providers=["CPUExecutionProvider"])
-                got = sess.run(None, {sess.get_inputs()[0].name: example_inputs.numpy()})[0]
-                _check_close("onnx", torch.from_numpy(got), reference, atol)
-                onnx_status = "written, checked with onnxruntime"
+            try:
+                onnx_status = _export_onnx(model, example_inputs, stem.with_name(stem.name + ".onnx"), reference,
+                                           atol)
+                written["onnx"] = str(stem.with_name(stem.name + ".onnx"))
+            except ModelError as exc:
+                if "onnx" not in optional:
+                    raise
+                skipped["onnx"] = onnx_status = f"skipped: {exc}"
+                warnings.warn(f"{exc}; the .onnx file is not written", stacklevel=3)
     card = model_card(model, example_inputs, plan=plan, widths=widths, extra=extra)
     card["files"] = {fmt: {"path": Path(p).name, "bytes": os.path.getsize(p)} for fmt, p in written.items()}
     card["onnx"] = onnx_status
+    if skipped:
+        card["skipped"] = skipped
     written["card"] = str(stem.with_name(stem.name + ".json"))
     write_json(written["card"], card)
     return written
 
 
-def _export_onnx(model, example_inputs, path):
-    data = onnx_bytes(model, example_inputs)
+def _export_program(model, example_inputs, path: Path, reference, atol) -> str:
+    """``model`` as a ``torch.export`` ExportedProgram in ``path`` (batch dimension dynamic), reloaded and checked."""
+    x = example_inputs if example_inputs.shape[0] > 1 else example_inputs.expand(2, *example_inputs.shape[1:])
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(model, (x.contiguous(),), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+            with atomic_write(path, "wb") as fh:
+                torch.export.save(program, fh)
+            got = torch.export.load(str(path)).module()(example_inputs)
+    except ModelError:
+        raise
+    except Exception as exc:  # torch.export's own errors (data-dependent control flow, unsupported ops)
+        line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ModelError(f"the model cannot be exported with torch.export ({type(exc).__name__}: {line})") from None
+    _check_close("pt2", got, reference, atol)
+    return str(path)
+
+
+def _export_onnx(model, example_inputs, path: Path, reference, atol) -> str:
+    """``model`` as ONNX in ``path``, checked with ONNX Runtime where it is installed; returns the card's status."""
+    try:
+        data = onnx_bytes(model, example_inputs)
+    except Exception as exc:  # the exporter's own errors (unsupported ops)
+        line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ModelError(f"the model cannot be exported to ONNX ({type(exc).__name__}: {line})") from None
+    got = None
+    if importlib.util.find_spec("onnxruntime") is not None:
+        import onnxruntime as ort
+        sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        got = sess.run(None, {sess.get_inputs()[0].name: example_inputs.numpy()})[0]
+        _check_close("onnx", torch.from_numpy(got), reference, atol)
     with atomic_write(path, "wb") as fh:
         fh.write(data)
+    return "written" if got is None else "written, checked with onnxruntime"
 
 
 def onnx_bytes(model: nn.Module, example_inputs: torch.Tensor) -> bytes:

@@ -2,8 +2,8 @@
 
 :func:`run` splits ``val`` into a search half (fitness, stratified) and a report half (every reported accuracy),
 takes BN re-calibration batches from ``train``, runs :func:`evoprune.evolve.search` with fine-tuning (optionally
-distilled from the unpruned teacher) between rounds, and writes per round ``round{k}.pt``, ``round{k}.torchscript.pt``
-and ``round{k}.json``, then ``report.json``, ``report.md``, ``logbook.csv`` and (with matplotlib) ``pareto.png``. It
+distilled from the unpruned teacher) between rounds, and writes per round ``round{k}.pt`` (Python), the deployment
+files ``round{k}.pt2`` (torch.export) and ``round{k}.onnx`` (with the onnx extra), and ``round{k}.json``, then ``report.json``, ``report.md``, ``logbook.csv`` and (with matplotlib) ``pareto.png``. It
 keeps a record for resuming in ``<out>/checkpoint/`` (:mod:`evoprune.resume`).
 
 :func:`prune_job` and :func:`prune_saved_model` are the same job given by command-line flags (``evoprune prune``
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import re
 import sys
 from dataclasses import asdict, dataclass, field, fields
@@ -27,21 +28,23 @@ import torch.nn as nn
 from . import resume, sources
 from .data import ImageData, ImageSet, normalize, normalized
 from .engines import opened
-from .errors import ConfigError
+from .errors import ConfigError, EvoPruneError
 from .evolve import search
 from .export import export
 from .fitness import FitnessConfig
 from .models import fit_weights, load_weights
 from .options import JobOptions, options_from_args
 from .progress import status
-from .result import SearchResult
+from .result import SearchResult, latency_over
 from .report import PARETO_SKIPPED, write_report
-from .storage import torch_save
+from .storage import check_out_dir, torch_save
 from .train import evaluate, finetune, train
 
 __all__ = ["JobOptions", "JobResult", "options_from_args", "run", "val_splits", "describe_files", "summary_lines",
            "baseline", "prune_job", "prune_saved_model", "FINISHED"]
 
+#: Each round's files: the Python .pt, the deployment formats torch.export (.pt2) and ONNX (with the onnx extra).
+ROUND_FORMATS = ("pt", "pt2") + (("onnx",) if importlib.util.find_spec("onnx") is not None else ())
 FINISHED = "evoprune: {out} already holds a finished run (report.md); nothing to do (--no-resume starts over)"
 
 
@@ -82,8 +85,9 @@ def run(model: nn.Module, data: ImageData, out_dir: str | Path, opts: JobOptions
         with _engine(opts) as engine:
             return run(model, data, out_dir, opts, title=title, verbose=verbose, source=source, map=engine)
     data = normalized(data, opts.normalize)
-    out = Path(out_dir)
-    resume.check_resume(out, opts, source=source, data=data, model=model)
+    out = check_out_dir(out_dir, "out_dir" if source is None else "--out")
+    resumed = resume.check_resume(out, opts, source=source, data=data, model=model) is not None
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     if opts.resume:
         record = resume.start_record(out, opts, title=title, source=source, data=data, model=model)
@@ -111,7 +115,8 @@ def run(model: nn.Module, data: ImageData, out_dir: str | Path, opts: JobOptions
         return net.cpu().eval()
 
     def on_round(k, net, row, plan):
-        written = export(net, out / f"round{k}.pt", example, formats=("pt", "torchscript"), plan=plan,
+        written = export(net, out / f"round{k}.pt", example, formats=ROUND_FORMATS, optional=("pt2", "onnx"),
+                         plan=plan,
                          extra={"round": k, "row": row, "top1_split": "val-report", "split_seed": opts.seed,
                                 "normalization": asdict(data.train.stats)})
         files.extend(written.values())
@@ -120,12 +125,17 @@ def run(model: nn.Module, data: ImageData, out_dir: str | Path, opts: JobOptions
                             reconstruct=opts.fitness_reconstruct, calib_images=opts.calib_images)
     settings = {**asdict(opts), "search_images": len(score_set), "report_images": len(report_set),
                 "choose_images": 0 if choose_set is None else len(choose_set), "fitness.metric": fitness.metric}
-    result = search(model, example, score_x, score_y, recal_x=recal_x or None, report=report,
-                    finetune=tune if opts.finetune_epochs > 0 else None, on_round=on_round,
-                    config=opts.search_config(), fitness=fitness,
-                    checkpoint_dir=str(out / resume.CHECKPOINT_DIR) if opts.resume else None, verbose=verbose,
-                    progress=verbose, map=map, choose_x=choose_x,
-                    choose_y=None if choose_set is None else choose_set.labels)
+    try:
+        result = search(model, example, score_x, score_y, recal_x=recal_x or None, report=report,
+                        finetune=tune if opts.finetune_epochs > 0 else None, on_round=on_round,
+                        config=opts.search_config(), fitness=fitness,
+                        checkpoint_dir=str(out / resume.CHECKPOINT_DIR) if opts.resume else None, verbose=verbose,
+                        progress=verbose, map=map, choose_x=choose_x,
+                        choose_y=None if choose_set is None else choose_set.labels)
+    except EvoPruneError:  # refused (e.g. a budget below the smallest legal plan) before any checkpoint: a run
+        if not resumed:    # that never started leaves no record, so the corrected rerun is not refused
+            resume.forget_unstarted(out, remove_dir=created)
+        raise
     written = write_report(result, out, title=title, settings=settings)
     files.extend(written[k] for k in ("md", "json", "logbook", "pareto") if k in written)
     skipped = [] if "pareto" in written else [PARETO_SKIPPED]
@@ -168,7 +178,7 @@ def _recal_batches(train_set: ImageSet, opts: JobOptions) -> list[torch.Tensor]:
 # ----------------------------------------------------------------------------------------------------------------
 
 def describe_files(files: list[str]) -> str:
-    """``round{1..2}.pt, .torchscript.pt, .json; report.md, report.json, logbook.csv`` for a list of written paths
+    """``round{1..2}.pt, .pt2, .json; report.md, report.json, logbook.csv`` for a list of written paths
     (all in one directory)."""
     names = [Path(f).name for f in files]
     rounds, suffixes, others = [], [], []
@@ -224,7 +234,12 @@ def _latency_line(result: JobResult) -> str:
     if base["latency_batch"] != 1:
         text += (f", {base['latency_batch_ms']:.3f} -> {last['latency_batch_ms']:.3f} ms at batch "
                  f"{base['latency_batch']}")
-    return f"{text}, measured on {where}; budget {last['budget']:.3f} ms at batch {base['latency_batch']}"
+    text = f"{text}, measured on {where}; budget {last['budget']:.3f} ms at batch {base['latency_batch']}"
+    over = latency_over(last)
+    if over is not None:
+        text += (f"; OVER the budget by {over:.3f} ms ({100 * over / last['budget']:.0f} %), though predicted "
+                 "within it: measure on an idle machine, or lower --target-latency-ms")
+    return text
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -253,6 +268,7 @@ def prune_job(build_model: Callable, args: argparse.Namespace, *, title: str) ->
     Before loading anything it checks ``--out``: a run there made with other settings is refused, a finished one
     with the same settings is not redone. A bad ``--weights`` file is refused before the data load."""
     opts = options_from_args(args)
+    check_out_dir(args.out)
     if args.baseline_epochs < 1:
         raise ConfigError(f"must be >= 1, got {args.baseline_epochs}", setting="baseline_epochs")
     source = {"arch" if getattr(args, "arch", None) else "model_builder":
@@ -282,6 +298,7 @@ def prune_saved_model(args: argparse.Namespace) -> None:
     images (``--input-shape``) and classes, then :func:`run` into ``--out`` and a summary on stdout. Like
     :func:`prune_job`, ``--out`` is checked before anything is loaded."""
     opts = options_from_args(args)
+    check_out_dir(args.out)
     source = {"model": sources.abspath(args.model), "data": sources.data_source(args)}
     if resume.finished(args.out, opts, source=source):
         print(FINISHED.format(out=args.out), file=sys.stderr)

@@ -74,6 +74,10 @@ def flag(name: str, help: str, **kwargs) -> dict:
     return {"flag": Flag(name, help, **kwargs)}
 
 
+DEFAULT_TARGET = 0.5  # --target-macs when no target flag is given
+#: The target flags: only one may be given; each sets ``target`` with its ``target_kind``.
+TARGET_FLAGS = {"target": "macs", "target_params": "params", "target_latency_ms": "latency"}
+
 #: The flags of the :class:`~evoprune.config.SearchConfig` fields (declared here: config.py is the library's and
 #: knows no command line), in the order ``--help`` lists them. ``target_latency_ms`` is no field: a latency target
 #: is ``target`` with ``target_kind="latency"`` (:func:`options_from_args`), and SearchConfig's check names a bad
@@ -86,7 +90,11 @@ SEARCH_FLAGS: dict[str, Flag] = {
     "p_mut": Flag("--p-mut", "mutation probability"),
     "generations": Flag("--generations", "generations per round"),
     "target": Flag("--target-macs", "final MACs as a fraction of the original, reached geometrically over the "
-                                    "rounds"),
+                                    f"rounds (default: {DEFAULT_TARGET}, when no other target is given)",
+                   type=float, default=None, metavar="FRACTION"),
+    "target_params": Flag("--target-params", "aim at this fraction of the original parameters instead of "
+                                             "--target-macs (reached geometrically over the rounds)",
+                          metavar="FRACTION", type=float, default=None),
     "target_latency_ms": Flag("--target-latency-ms", "aim at this latency in ms on --runtime instead of "
                                                      "--target-macs (measured per round with a latency table; "
                                                      "reached geometrically over the rounds)",
@@ -269,15 +277,19 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
 
 def options_from_args(args: argparse.Namespace) -> JobOptions:
     """The checked :class:`JobOptions` of parsed flags (:func:`add_search_arguments`); :class:`ConfigError` naming
-    the setting otherwise. ``--target-latency-ms`` given sets ``target`` with ``target_kind="latency"``, else
-    ``--target-macs`` sets it with ``"macs"``."""
+    the setting otherwise. One target flag sets ``target`` and ``target_kind`` (:data:`TARGET_FLAGS`:
+    ``--target-macs`` "macs", ``--target-params`` "params", ``--target-latency-ms`` "latency"; none given:
+    ``--target-macs`` 0.5); two given are refused, naming them."""
     flags = job_flags()
-    latency = SEARCH_FLAGS["target_latency_ms"].value(args)
-    values = {name: spec.value(args) for name, (spec, _) in flags.items() if name != "target_latency_ms"}
-    if latency is None:
-        values["target_kind"] = "macs"
-    else:
-        values.update(target=latency, target_kind="latency")
+    values = {name: spec.value(args) for name, (spec, _) in flags.items() if name not in TARGET_FLAGS}
+    given = {name: SEARCH_FLAGS[name].value(args) for name in TARGET_FLAGS}
+    given = {name: v for name, v in given.items() if v is not None}
+    if len(given) > 1:
+        names = [SEARCH_FLAGS[n].name for n in given]
+        raise ConfigError(f"{' and '.join(names)} are both given, but a run has one target; give only one of "
+                          f"{', '.join(SEARCH_FLAGS[n].name for n in TARGET_FLAGS)}")
+    name, target = next(iter(given.items()), ("target", DEFAULT_TARGET))
+    values.update(target=target, target_kind=TARGET_FLAGS[name])
     opts = JobOptions(**values)
     opts.check()
     return opts

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 
 from .errors import ConfigError
-from .result import SearchResult
+from .result import SearchResult, latency_over
 from .storage import atomic_write, write_json, write_text
 
 METRICS = ("top1", "loss", "kl")
@@ -70,6 +70,14 @@ def markdown(result: SearchResult, *, title: str, settings: dict | None = None) 
               "MMACs are multiply-accumulates counted by torch-pruning (the paper's 'FLOPS' column). top-1 is on the "
               "report split, never on the images the GA scored. Reduction is the parameter reduction vs round 0.", "",
               result.table(), ""]
+    for r in result.rows:
+        over = latency_over(r)
+        if over is not None:
+            lines += [f"**Round {r['round']} is over its latency budget:** measured "
+                      f"{r.get('latency_batch_ms', r['latency_ms']):.3f} ms against {r['budget']:.3f} ms "
+                      f"(+{over:.3f} ms, {100 * over / r['budget']:.0f} %); the latency table predicted "
+                      f"{r.get('predicted_ms', float('nan')):.3f} ms. Timings on a loaded machine run slow: measure "
+                      "again on an idle one, or lower --target-latency-ms.", ""]
     if result.rows:
         lines += ["The choice score is the chosen plan's score on the rest of the search split (images the fitness "
                   "never saw; '-' when the best fitness score decided alone). The winner's curse is its search score "
@@ -136,7 +144,13 @@ def pareto_axes(result: SearchResult, *, metric: str = "top1", ax=None):
             continue
         xy = (r["predicted_ms"] if ms else r["macs"] / 1e6, _y(r["search_score"], metric))
         ax.scatter([xy[0]], [xy[1]], marker="*", s=160, edgecolor="k", zorder=5)
-        ax.annotate(f"r{r['round']}", xy, textcoords="offset points", xytext=(5, 5))
+        ax.annotate(f"r{r['round']}", xy, textcoords="offset points", xytext=(5, -12), annotation_clip=False)
+        if r.get("budget") is not None and r.get("budget_kind", "latency" if ms else "macs") in ("macs", "latency"):
+            ax.axvline(r["budget"] / scale, color="grey", ls="--", lw=0.8, zorder=1)
+            ax.annotate(f"r{r['round']} budget", (r["budget"] / scale, 1), xycoords=("data", "axes fraction"),
+                        textcoords="offset points", xytext=(2, -10), fontsize=7, color="grey", rotation=90,
+                        va="top", annotation_clip=False)
+    ax.margins(y=0.12)  # room above the highest point for its label
     ax.set_xlabel("predicted latency (ms, latency table)" if ms else "MMACs (torch-pruning counter)")
     ax.set_ylabel(AXIS_LABELS[metric])
     ax.set_title("evoprune: evaluated plans, Pareto fronts, chosen plans (*)")

@@ -59,6 +59,16 @@ class SearchResult:
         return "\n".join(lines)
 
 
+def latency_over(row: dict) -> float | None:
+    """How many ms a round's measured latency (at the latency batch) is over its budget, or None if it is within
+    it or the run had no latency target. The search keeps the *predicted* latency within the budget; a machine
+    under load measures slower."""
+    if "latency_ms" not in row or row.get("budget") is None or row.get("budget_kind", "latency") != "latency":
+        return None
+    measured = row.get("latency_batch_ms", row["latency_ms"])
+    return measured - row["budget"] if measured > row["budget"] else None
+
+
 def _fmt(x):
     return "-" if x is None else f"{x:.4f}"
 

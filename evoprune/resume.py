@@ -23,7 +23,7 @@ import torch.nn as nn
 from ._version import __version__
 from .checkpoint import FILENAME as CHECKPOINT_FILE
 from .errors import CheckpointError, ConfigError
-from .options import FLAGS, NEGATED, JobOptions
+from .options import FLAGS, NEGATED, TARGET_FLAGS, JobOptions
 from .progress import status
 from .storage import write_json
 
@@ -81,7 +81,19 @@ def _show(name: str, value) -> str:
     return "not given" if value is None else str(value)
 
 
+def _by_flag(options: dict) -> dict:
+    """``options`` with ``target``/``target_kind`` as the one target flag that set them (``target`` for
+    --target-macs, ``target_params``, ``target_latency_ms``), so that a change names the flags the user gave."""
+    if "target_kind" not in options:
+        return options
+    out = {k: v for k, v in options.items() if k not in ("target", "target_kind")}
+    name = {kind: flag for flag, kind in TARGET_FLAGS.items()}.get(options["target_kind"], "target")
+    out[name] = options.get("target")
+    return out
+
+
 def _differences(old: dict, new: dict) -> list[str]:
+    old, new = _by_flag(old), _by_flag(new)
     lines = []
     for name in [k for k in new if k in old] + [k for k in new if k not in old] + [k for k in old if k not in new]:
         a, b = old.get(name), new.get(name)
@@ -149,3 +161,14 @@ def remove_stale_checkpoint(out: Path, verbose: bool) -> None:
             removed.append(path.name)
     if removed and verbose:
         status(f"evoprune: resume is off: removed the old {' and '.join(removed)} from {out / CHECKPOINT_DIR}")
+
+
+def forget_unstarted(out: Path, *, remove_dir: bool) -> None:
+    """After a run into ``out`` was refused before its first checkpoint: delete the job record it wrote (and the
+    empty checkpoint folder, and ``out`` itself if this run made it and it is empty), so nothing is left behind."""
+    if (out / CHECKPOINT_DIR / CHECKPOINT_FILE).is_file():
+        return
+    job_file(out).unlink(missing_ok=True)
+    for folder in (out / CHECKPOINT_DIR, out) if remove_dir else (out / CHECKPOINT_DIR,):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()

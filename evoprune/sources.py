@@ -16,7 +16,7 @@ import torch
 from .data import load_images, normalize, synthetic
 from .errors import CheckpointError, ConfigError, DataError, ModelError
 from .models import build, check_forward
-from .storage import load_module, load_state_dict
+from .storage import ExportedModule, load_module, load_state_dict
 
 #: The input shape (channels, height, width) when neither --input-shape nor a model card gives one.
 DEFAULT_INPUT_SHAPE = (3, 32, 32)
@@ -124,12 +124,15 @@ def load_model_file(path: str, *, trust: bool, purpose: str):
         if exc.reason == "state_dict":
             raise ModelError(f"{path}: holds a state_dict (weights only), not a whole model: pass it as --weights "
                              f"{path} with the --arch it was saved from.") from None
-        if exc.reason == "untrusted":
-            raise CheckpointError(
+        if exc.reason == "untrusted":  # a flag is missing: a usage error (exit 2), like any other
+            raise ConfigError(
                 f"{path}: is a pickled Python object, and loading it would run code from the file. If you trust "
-                "its source, pass --trust-pickle; otherwise export it as TorchScript where it was made.",
-                reason="untrusted") from None
+                "its source, pass --trust-pickle; otherwise export it where it was made (evoprune export writes "
+                ".pt2 and .onnx, which load without trust).") from None
         raise
+    if purpose in ("prune", "export", "inspect") and isinstance(model, ExportedModule):
+        raise ModelError(f"{path}: is a torch.export program (.pt2), a deployment format; {purpose} needs the "
+                         "Python model: pass the pickled .pt it was made from, with --trust-pickle.")
     if purpose == "prune" and isinstance(model, torch.jit.ScriptModule):
         raise ModelError(f"{path}: is a TorchScript module; pruning needs the Python model (its module classes) "
                          "to trace and rewrite it. Save it with torch.save(model) and pass --trust-pickle, or use "
@@ -145,17 +148,25 @@ def example_inputs(shape) -> torch.Tensor:
     return torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
 
 
-def card_input_shape(path: str) -> tuple[int, ...] | None:
-    """The input shape recorded in the model card beside ``path`` (``stem.json``), if any."""
+def source_card(path: str) -> dict:
+    """The model card beside ``path`` (``stem.json`` for ``stem.pt``, ``stem.pt2``, ``stem.torchscript.pt``), or
+    an empty dict if there is none or it is unreadable."""
     p = Path(path)
     stem = p.name[: -len(".pt")] if p.name.endswith(".pt") else p.stem
     stem = stem[: -len(".torchscript")] if stem.endswith(".torchscript") else stem
-    card = p.with_name(stem + ".json")
     try:
-        shape = json.loads(card.read_text())["input_shape"]
-        dims = tuple(int(d) for d in shape[1:])
+        card = json.loads(p.with_name(stem + ".json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return card if isinstance(card, dict) else {}
+
+
+def card_input_shape(path: str) -> tuple[int, ...] | None:
+    """The input shape recorded in the model card beside ``path`` (``stem.json``), if any."""
+    try:
+        dims = tuple(int(d) for d in source_card(path)["input_shape"][1:])
         return dims if len(dims) == 3 and min(dims) >= 1 else None
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
+    except (ValueError, KeyError, TypeError, IndexError):
         return None
 
 

@@ -22,10 +22,10 @@ from typing import Any, Iterator
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 
 #: Kinds of file :func:`sniff` tells apart.
-FILE_KINDS = ("missing", "empty", "not-torch", "corrupt", "torchscript", "torch")
+FILE_KINDS = ("missing", "empty", "not-torch", "corrupt", "torchscript", "exported", "torch")
 
 
 def _umask() -> int:
@@ -80,6 +80,28 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[io.IOBas
             os.close(dir_fd)
 
 
+def check_out_dir(out: str | os.PathLike, flag: str = "--out") -> Path:
+    """Check that ``out`` is, or can become, a directory this process can write to, before any work: a
+    :class:`ConfigError` naming ``flag`` if it is a file, or if its nearest existing folder cannot be written (a
+    read-only file system, no permission). The probe file is removed again, and nothing is created."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {out} is a file, not a directory; give a directory (it is created if missing)")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{flag} {out}: {existing} is a file, so the directory cannot be made; give another path")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".evoprune-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"{flag} {out}: cannot write in {existing} ({exc.strerror or exc}); give a directory you "
+                          "can write to") from None
+    return path
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     with atomic_write(path, "w") as fh:
@@ -117,6 +139,8 @@ def sniff(path: str | os.PathLike) -> str:
             return "corrupt"
         if any("/code/" in n or n.endswith("/constants.pkl") for n in names):
             return "torchscript"
+        if any(n.endswith("/archive_format") for n in names) and any(n.endswith("models/model.json") for n in names):
+            return "exported"  # torch.export.save: an ExportedProgram (.pt2)
         if any(n.endswith("data.pkl") for n in names):
             return "torch"
         return "not-torch"
@@ -188,16 +212,40 @@ def load_state_dict(path: str | os.PathLike) -> dict:
     return obj
 
 
-def load_module(path: str | os.PathLike, *, trust: bool = False) -> torch.nn.Module:
-    """Load a whole pickled ``nn.Module`` (``torch.save(model)``) or a TorchScript file.
+class ExportedModule(torch.nn.Module):
+    """An ``ExportedProgram`` (``torch.export.load``) as an inference-only ``nn.Module``. The program was exported
+    in eval mode; ``eval()`` and ``train()`` only set the flag (the exported graph itself refuses them)."""
 
-    TorchScript files carry no Python pickle of arbitrary classes and load without ``trust``. A pickled module can run
-    arbitrary code when loaded, so it needs ``trust=True``. Raises :class:`CheckpointError` whose ``reason`` says
+    def __init__(self, program):
+        super().__init__()
+        self.program = program
+        object.__setattr__(self, "_graph", program.module())  # not a submodule: module.eval() would raise
+
+    def forward(self, *args):
+        return self._graph(*args)
+
+    def train(self, mode: bool = True):
+        self.training = mode
+        return self
+
+
+def load_module(path: str | os.PathLike, *, trust: bool = False) -> torch.nn.Module:
+    """Load a whole pickled ``nn.Module`` (``torch.save(model)``), an ExportedProgram (``.pt2``, as
+    :class:`ExportedModule`) or a TorchScript file.
+
+    ExportedPrograms and TorchScript files carry no pickle of arbitrary classes and load without ``trust``. A
+    pickled module can run arbitrary code when loaded, so it needs ``trust=True``. Raises :class:`CheckpointError` whose ``reason`` says
     what the file is instead: missing, empty, not-torch, corrupt, state_dict (weights only: load them into the model
     with :func:`evoprune.models.load_weights`), untrusted, or not-module.
     """
     path = Path(path)
-    kind = _check_readable(path, "a TorchScript file (torch.jit.save) or a whole model saved with torch.save(model)")
+    kind = _check_readable(path, "an ExportedProgram (torch.export.save, .pt2), a TorchScript file (torch.jit.save) "
+                                 "or a whole model saved with torch.save(model)")
+    if kind == "exported":
+        try:
+            return ExportedModule(torch.export.load(str(path)))
+        except Exception as exc:
+            raise _corrupt(path, exc) from None
     if kind == "torchscript":
         try:
             with warnings.catch_warnings():

@@ -6,7 +6,7 @@ hall of fame, evoprune only providing the chromosome, the operators and the fitn
 
 It trains a tiny CNN on generated images (a few seconds, no download), searches which channels and connections to
 keep with NSGA-II (score up, MACs down), prints the Pareto front (the hall of fame), then physically prunes the
-model with the chosen plan and exports it (``best.pt``, ``best.torchscript.pt``, ``best.json``).
+model with the chosen plan and exports it (``best.pt``, ``best.pt2``, ``best.onnx`` with the onnx extra, ``best.json``).
 """
 import argparse
 import sys
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     plan = space.decode(best)
     # structural distillation: refit every changed layer to the unpruned model's outputs (closed form, no labels)
     pruned = evoprune.reconstruct(model, evoprune.apply_plan(model, plan, example, space=space), plan, space, recal_x)
-    written = evoprune.export(pruned, Path(args.out) / "best", example, formats=("pt", "torchscript"), plan=plan)
+    written = evoprune.export(pruned, Path(args.out) / "best", example, plan=plan)
     evaluator.release()
     print(f"\nbest plan: score {best.fitness.values[0]:.4f}, {best.fitness.values[1] / 1e6:.3f} MMACs; "
           f"top-1 on the report half of val after pruning {evaluate(pruned, report_set):.4f} (no fine-tuning)")

@@ -4,7 +4,7 @@
         --weights ../shared/models/vgg16_bn_cifar10.pt --out runs/vgg16
 
 Without ``python -m scoop`` it runs serially. Without ``--weights`` it trains (and caches) a baseline first.
-Writes round{k}.pt / .torchscript.pt / .json, report.md, report.json, pareto.png and logbook.csv into --out.
+Writes round{k}.pt / .pt2 / .onnx / .json, report.md, report.json, pareto.png and logbook.csv into --out.
 
 For a latency target on the deployment runtime instead of a MACs fraction: ``--target-latency-ms MS`` (ONNX Runtime
 on the CPU by default: ``--runtime``, ``--latency-batch``, ``--threads``; needs ``pip install 'evoprune[onnx]'``).

@@ -73,8 +73,9 @@ def demo(tmp_path_factory):
 def test_demo_writes_every_report_file(demo):
     code, out = demo
     assert code == 0
-    for name in ("report.md", "report.json", "pareto.png", "logbook.csv", "round1.pt", "round1.torchscript.pt",
-                 "round1.json", "round2.pt", "round2.torchscript.pt", "round2.json"):
+    onnx = ("round1.onnx", "round2.onnx") if importlib.util.find_spec("onnx") is not None else ()
+    for name in ("report.md", "report.json", "pareto.png", "logbook.csv", "round1.pt", "round1.pt2",
+                 "round1.json", "round2.pt", "round2.pt2", "round2.json", *onnx):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     report = json.loads((out / "report.json").read_text())
     macs = [report["baseline"]["macs"]] + [row["macs"] for row in report["rows"]]
@@ -95,7 +96,7 @@ def test_prune_arch_tiny_on_an_imagefolder(imagefolder, tmp_path, capsys):
     code, out, err = run(capsys, "prune", "--arch", "tiny", "--data", imagefolder, "--out", tmp_path / "run",
                          "--baseline-epochs", "1", *TINY_SEARCH)
     assert code == 0, err
-    for name in ("round1.pt", "round1.torchscript.pt", "round1.json", "report.json", "report.md", "logbook.csv"):
+    for name in ("round1.pt", "round1.pt2", "round1.json", "report.json", "report.md", "logbook.csv"):
         assert (tmp_path / "run" / name).is_file(), name
     assert len(list((tmp_path / "run").glob("baseline-TinyCNN-e1-s0-*.pt"))) == 1  # cached, keyed by the data
     report = json.loads((tmp_path / "run" / "report.json").read_text())
@@ -137,7 +138,7 @@ def test_prune_a_saved_whole_model_with_trust(imagefolder, saved_tiny, tmp_path,
     code, out, err = run(capsys, "prune", "--model", saved_tiny, "--trust-pickle", "--input-shape", "3,16,16",
                          "--data", imagefolder, "--out", tmp_path / "run", "--no-kd", *TINY_SEARCH)
     assert code == 0, err
-    assert (tmp_path / "run" / "round1.torchscript.pt").is_file()
+    assert (tmp_path / "run" / "round1.pt2").is_file()
     assert (tmp_path / "run" / "report.json").is_file()
 
 
@@ -154,11 +155,25 @@ def test_train_then_evaluate(imagefolder, tmp_path, capsys):
     assert out.startswith(f"top-1 {top1} on 60 val images")
 
 
-def test_evaluate_a_torchscript_round_needs_no_trust(demo, imagefolder, capsys):
+def test_evaluate_a_pt2_round_needs_no_trust(demo, capsys):
+    """A round's .pt2 (torch.export) loads without --trust-pickle and scores what its pickled .pt scores."""
     _, out_dir = demo
-    code, out, err = run(capsys, "evaluate", "--model", out_dir / "round1.torchscript.pt", "--data", imagefolder)
+    code, out, err = run(capsys, "evaluate", "--model", out_dir / "round1.pt2", "--data", "demo:quick")
     assert code == 0, err
-    assert out.startswith("top-1 ")
+    code, pickled, err = run(capsys, "evaluate", "--model", out_dir / "round1.pt", "--trust-pickle", "--data",
+                             "demo:quick")
+    assert code == 0, err
+    assert out.startswith("top-1 ") and out.split()[1] == pickled.split()[1]
+
+
+@pytest.fixture(scope="module")
+def scripted(demo, tmp_path_factory):
+    """The demo's round 1 as TorchScript (``export --formats torchscript``; rounds no longer write it)."""
+    _, out_dir = demo
+    stem = tmp_path_factory.mktemp("scripted") / "round1"
+    assert main(["export", "--model", str(out_dir / "round1.pt"), "--trust-pickle", "--out", str(stem),
+                 "--formats", "torchscript"]) == 0
+    return Path(f"{stem}.torchscript.pt")
 
 
 def test_inspect_arch_lists_groups_and_units(capsys):
@@ -176,7 +191,7 @@ def test_inspect_arch_lists_groups_and_units(capsys):
     assert {u["kind"] for u in info["units"]} == {"sequential"}
 
 
-def test_inspect_a_pruned_round(demo, capsys):
+def test_inspect_a_pruned_round(demo, scripted, capsys):
     _, out_dir = demo
     card = json.loads((out_dir / "round2.json").read_text())
     code, out, err = run(capsys, "inspect", "--model", out_dir / "round2.pt", "--trust-pickle", "--json")
@@ -186,33 +201,34 @@ def test_inspect_a_pruned_round(demo, capsys):
     assert {layer["name"]: layer["width"] for layer in info["layers"]} == card["layer_widths"]
     assert info["macs"] == pytest.approx(card["macs"]) and info["params"] == card["params"]
     assert info["bytes"] == card["bytes"] and all(layer["bytes"] > 0 for layer in info["layers"])
-    code, out, err = run(capsys, "inspect", "--model", out_dir / "round2.torchscript.pt")
+    code, out, err = run(capsys, "inspect", "--model", scripted)
     assert code == 0, err
     assert "features.0" in out and "torchscript" in out
+    code, out, err = run(capsys, "inspect", "--model", out_dir / "round2.pt2")
+    assert code == 1 and len(error_lines(err)) == 1 and "--trust-pickle" in err and "Traceback" not in err
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_export_a_saved_model(saved_tiny, tmp_path, capsys):
     stem = tmp_path / "exported" / "tiny"
     code, out, err = run(capsys, "export", "--model", saved_tiny, "--trust-pickle", "--input-shape", "3,16,16",
-                         "--out", stem)  # default formats: pt, torchscript, onnx
+                         "--out", stem)  # default formats: pt, pt2, onnx
     assert code == 0, err
-    scripted = Path(f"{stem}.torchscript.pt")
-    assert scripted.is_file() and Path(f"{stem}.pt").is_file()
+    program = Path(f"{stem}.pt2")
+    assert program.is_file() and Path(f"{stem}.pt").is_file() and not Path(f"{stem}.torchscript.pt").exists()
     card = json.loads(Path(f"{stem}.json").read_text())
-    assert card["input_shape"] == [1, 3, 16, 16] and card["model"] == "TinyCNN" and "torchscript" in card["files"]
+    assert card["input_shape"] == [1, 3, 16, 16] and card["model"] == "TinyCNN" and "pt2" in card["files"]
     if importlib.util.find_spec("onnx") is not None:
         assert Path(f"{stem}.onnx").is_file() and card["onnx"].startswith("written")
-    x = torch.randn(2, 3, 16, 16)
+    x = torch.randn(3, 3, 16, 16)  # another batch size than the export's example
     reference = torch.load(saved_tiny, weights_only=False)
     with torch.no_grad():
-        assert torch.allclose(torch.jit.load(str(scripted))(x), reference(x), atol=1e-5)
-    assert str(scripted) in out
+        assert torch.allclose(torch.export.load(str(program)).module()(x), reference(x), atol=1e-5)
+    assert str(program) in out
 
 
-def test_export_refuses_torchscript_input(demo, tmp_path, capsys):
-    _, out_dir = demo
-    code, out, err = run(capsys, "export", "--model", out_dir / "round1.torchscript.pt", "--out", tmp_path / "x",
+def test_export_refuses_torchscript_input(scripted, tmp_path, capsys):
+    code, out, err = run(capsys, "export", "--model", scripted, "--out", tmp_path / "x",
                          "--formats", "torchscript")
     assert code == 1
     assert len(error_lines(err)) == 1 and "TorchScript" in err
@@ -265,20 +281,24 @@ def test_missing_data_exits_1_with_the_accepted_forms(command, saved_tiny, tmp_p
     ["export", "--model", "{model}", "--out", "{tmp}/x"],
     ["inspect", "--model", "{model}"],
 ])
-def test_pickled_model_without_trust_exits_1(command, imagefolder, saved_tiny, tmp_path, capsys):
+def test_pickled_model_without_trust_is_a_usage_error(command, imagefolder, saved_tiny, tmp_path, capsys):
+    """A missing --trust-pickle is a usage error: exit 2, as the README says of usage errors."""
     argv = [a.format(data=imagefolder, model=saved_tiny, tmp=tmp_path) for a in command]
     code, out, err = run(capsys, *argv)
-    assert code == 1
+    assert code == 2
     assert len(error_lines(err)) == 1 and "--trust-pickle" in err and "pickle" in err
     assert "Traceback" not in err
     assert not (tmp_path / "run").exists() and not (tmp_path / "x.json").exists()
 
 
-def test_pruning_torchscript_is_refused(demo, imagefolder, tmp_path, capsys):
-    _, out_dir = demo
-    code, out, err = run(capsys, "prune", "--model", out_dir / "round1.torchscript.pt", "--data", imagefolder,
-                         "--out", tmp_path / "run")
+def test_pruning_torchscript_or_pt2_is_refused(demo, scripted, imagefolder, tmp_path, capsys):
+    code, out, err = run(capsys, "prune", "--model", scripted, "--data", imagefolder, "--out", tmp_path / "run")
     assert code == 1 and "TorchScript" in error_lines(err)[0]
+    _, out_dir = demo
+    code, out, err = run(capsys, "prune", "--model", out_dir / "round1.pt2", "--data", imagefolder,
+                         "--out", tmp_path / "run")
+    assert code == 1 and "torch.export" in error_lines(err)[0] and "--trust-pickle" in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_input_shape_must_match_the_data(imagefolder, saved_tiny, tmp_path, capsys):
@@ -547,7 +567,8 @@ def test_every_setting_has_a_flag_or_is_api_only():
     flagged = set(options.job_flags())
     assert names - flagged == options.API_ONLY, "a setting has neither a flag nor a place in options.API_ONLY"
     assert not options.API_ONLY & flagged
-    assert set(options.SEARCH_FLAGS) - {f.name for f in dataclasses.fields(SearchConfig)} == {"target_latency_ms"}
+    assert set(options.SEARCH_FLAGS) - {f.name for f in dataclasses.fields(SearchConfig)} == {"target_latency_ms",
+                                                                                            "target_params"}
 
 
 def test_the_parser_and_the_flag_names_come_from_the_same_declarations():
@@ -560,9 +581,12 @@ def test_the_parser_and_the_flag_names_come_from_the_same_declarations():
         assert action.help.startswith(spec.help)
         if spec.negated:
             assert isinstance(action, argparse._StoreTrueAction) and getattr(defaults, name) is True
-        elif name != "target_latency_ms":
+        elif name not in options.TARGET_FLAGS:  # the target flags default to "not given" (one target at most)
             assert action.default == getattr(defaults, name) == default, name
             assert tuple(action.choices or ()) == tuple(spec.choices or ())
+        else:
+            assert action.default is None
+    assert defaults.target == options.DEFAULT_TARGET and defaults.target_kind == "macs"
     assert options.NEGATED == {"connections", "dedupe", "kd", "resume", "snap"}
 
 

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 TINY_FLAGS = ["--score-samples", "64", "--population", "6", "--elites", "2", "--generations", "1", "--rounds", "1",
               "--recal-batches", "2", "--finetune-epochs", "0.5"]
-ROUND_FILES = ("round1.pt", "round1.torchscript.pt", "round1.json", "report.md", "report.json", "pareto.png",
+ROUND_FILES = ("round1.pt", "round1.pt2", "round1.json", "report.md", "report.json", "pareto.png",
                "logbook.csv")
 
 
@@ -70,7 +70,7 @@ def test_deap_pipeline_example(tmp_path, scoop):
     assert "hall of fame (" in proc.stdout
     hof = proc.stdout.split("hall of fame (")[1]
     assert len([line for line in hof.splitlines() if line.strip().endswith("%")]) >= 1
-    assert (out / "best.torchscript.pt").is_file() and (out / "best.json").is_file() and (out / "best.pt").is_file()
+    assert (out / "best.pt2").is_file() and (out / "best.json").is_file() and (out / "best.pt").is_file()
     assert "exported:" in output
 
 

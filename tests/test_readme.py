@@ -141,7 +141,7 @@ def test_every_runnable_block_runs_as_written(checkout):
     # the composable search loop runs to the target it promises
     loop = re.search(r"prints `(\d+ rounds: \d+ % of the MACs)`", section).group(1)
     assert any(loop in out for kind, out in ran if kind == "python"), loop
-    for suffix in (".pt", ".torchscript.pt", ".json"):
+    for suffix in (".pt", ".pt2", ".json"):
         assert (checkout / f"vgg16_half{suffix}").is_file()
 
 

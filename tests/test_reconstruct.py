@@ -275,8 +275,8 @@ def test_a_reconstructed_model_exports_and_reloads(randomize_bn, tmp_path):
         session = ort.InferenceSession(files["onnx"], providers=["CPUExecutionProvider"])
         got = session.run(None, {session.get_inputs()[0].name: test_x.numpy()})[0]
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-        scripted = torch.jit.load(files["torchscript"])
-        np.testing.assert_allclose(scripted(test_x).detach().numpy(), want, rtol=1e-5, atol=1e-5)
+        program = torch.export.load(files["pt2"]).module()
+        np.testing.assert_allclose(program(test_x).detach().numpy(), want, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- in the pipeline

@@ -85,7 +85,7 @@ def test_the_demo_writes_files_with_the_umask_mode(demo):
 def test_the_demo_files_line_lists_what_it_wrote(demo):
     code, stdout, stderr, out = demo
     files_line = next(line for line in stdout.splitlines() if line.startswith("files   :"))
-    for name in ("report.md", "report.json", "logbook.csv", "pareto.png", ".torchscript.pt"):
+    for name in ("report.md", "report.json", "logbook.csv", "pareto.png", ".pt2"):
         assert name in files_line
     assert "skipped" not in files_line and "skipped" not in stderr
 
@@ -304,7 +304,7 @@ def test_data_demo_evaluates_the_default_demo(tmp_path):
     code, stdout, stderr = run_main("demo", "--out", out)
     assert code == 0, stderr
     assert stdout.rstrip().endswith("--data demo --split val-report")  # the command it suggests
-    code, evaluated, err = run_main("evaluate", "--model", out / "round2.torchscript.pt", "--data", "demo",
+    code, evaluated, err = run_main("evaluate", "--model", out / "round2.pt2", "--data", "demo",
                                     "--split", "val-report")
     assert code == 0, err
     reported = json.loads((out / "report.json").read_text())
