@@ -27,6 +27,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -52,7 +53,7 @@ from evoprune.storage import torch_save, write_json, write_text  # noqa: E402
 from evoprune.train import evaluate, finetune  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = Path(os.environ.get("B2_RESULTS", ROOT / "benchmarks" / "results"))  # B2_RESULTS: run from a copy
 NETS = {"resnet18_tv": (resnet18_tv, "resnet18_tv_cifar10.pt", 0.1e6),
         "vgg16_bn": (vgg16_bn_cifar, "vgg16_bn_cifar10.pt", 0.3e6)}
 # The paper's Table 2 (round, params M, size MB, top-1, reduction %, FLOPS as printed) and Table 3 (search s).

@@ -102,3 +102,26 @@ def test_example_errors_are_one_line_and_an_exit_code(common, tmp_path, capsys, 
     assert code == 2 and err.startswith("error: --p-mut must be a probability")
     assert common.main(tiny_cnn, "tiny example", argv=["--rounds", "x"]) == 2
     assert capsys.readouterr().err.startswith("error: argument --rounds")
+
+
+@pytest.mark.parametrize("script, build, paper_params", [("vgg16_cifar.py", vgg16_bn_cifar, 0.3e6),
+                                                         ("resnet18_cifar.py", "resnet18_tv", 0.1e6)])
+def test_the_documented_paper_protocol_parses_and_ends_at_the_papers_params(script, build, paper_params):
+    """Each example's docstring gives the paper's protocol (issue 22): its flags parse with the example's own parser
+    and checks, and its --target-params fraction ends at the paper's parameter count for the shared teacher."""
+    import ast
+    import shlex
+    from evoprune import models
+    from evoprune.options import options_from_args
+    sys.path.insert(0, str(EXAMPLES))
+    import _common
+    doc = ast.get_docstring(ast.parse((EXAMPLES / script).read_text()))
+    lines = doc.replace("\\\n", " ").splitlines()
+    (cmd,) = [line for line in lines if "--target-params" in line and "python -m scoop" in line]
+    argv = shlex.split(cmd.split(script, 1)[1])
+    opts = options_from_args(_common.parser("x", None).parse_args(argv))
+    assert (opts.rounds, opts.population, opts.elites, opts.p_c, opts.p_mut) == (5, 30, 5, 0.6, 0.6)
+    assert opts.target_kind == "params" and opts.finetune_epochs >= 1 and opts.kd and opts.reconstruct == "lsq"
+    model = build() if callable(build) else getattr(models, build)()
+    final = opts.target * sum(p.numel() for p in model.parameters())
+    assert 0.99 * paper_params <= final <= paper_params
