@@ -7,6 +7,12 @@
   of its channels is (:class:`Producer`, :class:`Consumer`): masking and slicing read those maps.
 * **Connection units.** Parts of the network whose removal leaves every shape valid: a residual block whose shortcut
   is the identity (its body is the connection), or a shape-preserving conv[-BN][-act] run inside an ``nn.Sequential``.
+  A cut unit becomes ``nn.Identity``: a block is a unit only if every call passes it exactly one tensor and it returns
+  one of the same shape (a tree-aggregation block called as ``block(x, shortcut)`` is not), and only if its cut
+  would not feed one tensor twice into a concatenation (``cat([block(x), x])``).
+* **Root indices.** A group's genes are its first member's output channels. torch-pruning roots its groups where it
+  happens to start, which may see each of them twice (a ghost module's ``cat([x, cheap(x)])``): such a group is
+  re-rooted; one whose channels come back into it at another offset is left out, with the untraceable ones.
 
 :func:`discover` returns them with the traced private copy of the model; :class:`evoprune.space.PruningSpace` keeps
 only the names, sizes and index maps.
@@ -112,7 +118,14 @@ def discover(model: nn.Module, example_inputs: torch.Tensor, *, ignored_layers: 
     output_producers = _output_producers(work, example_inputs)
     groups, roots, left_out = _discover_groups(traced, work, wnames, order, ignored_names, output_producers)
     if left_out:  # groups reaching ops torch-pruning cannot map: left out whole, never pruned
-        message = trace.describe(type(model).__name__, *left_out)
+        untraceable, layers, tangled = left_out
+        parts = [trace.describe(type(model).__name__, untraceable, layers)] if layers else []
+        if tangled:
+            parts.append(f"torch-pruning cannot keep the channels of some groups of {type(model).__name__} apart "
+                         "(a channel comes back into its own group at another offset, e.g. a ghost module's concat "
+                         f"added to its own input); the output channels of the {len(tangled)} layer(s) coupled to "
+                         f"them are left out of the pruning space and keep their width: {', '.join(tangled)}")
+        message = "; ".join(parts)
         if not groups:
             raise ModelError(f"{message}. Nothing prunable remains for inputs of shape "
                              f"{tuple(example_inputs.shape)}.")
@@ -172,51 +185,121 @@ def _output_producers(model, x) -> set[str]:
     return found
 
 
-def _discover_groups(traced, work, wnames, order, ignored_names, output_producers):
-    """The usable groups in network order, their root modules, and ``(untraceable ops, layers)`` left out because
-    their group reaches an op torch-pruning cannot map (None when there are none)."""
-    dg = traced.graph
-    groups, roots, hit, left_out = [], {}, {}, []
-    ignored = [dict(work.named_modules())[n] for n in ignored_names]
-    for grp in dg.get_all_groups(ignored_layers=ignored, root_module_types=(nn.modules.conv._ConvNd, nn.Linear)):
-        usable, members, consumers, producers = True, [], [], []
-        for item in grp:
-            dep, idxs = item.dep, item.idxs
-            target = dep.target
-            mod = target.module
-            if target.type == tp.ops.OPTYPE.OUTPUT or (
-                    dg.is_out_channel_pruning_fn(dep.handler) and wnames.get(mod) in output_producers):
-                usable = False  # coupled to the model output (the classifier)
+def _read_group(grp, dg, wnames, output_producers):
+    """``(usable, members, consumers, producers)`` of one torch-pruning group, its index maps keyed by the
+    group's root indices."""
+    usable, members, consumers, producers = True, [], [], []
+    for item in grp:
+        dep, idxs = item.dep, item.idxs
+        target = dep.target
+        mod = target.module
+        if target.type == tp.ops.OPTYPE.OUTPUT or (
+                dg.is_out_channel_pruning_fn(dep.handler) and wnames.get(mod) in output_producers):
+            usable = False  # coupled to the model output (the classifier)
+        if not isinstance(mod, nn.Module) or mod not in wnames:
+            continue
+        if _is_grouped_conv(mod) or isinstance(mod, (nn.GroupNorm, nn.LayerNorm)):
+            usable = False  # torch-pruning cannot remove arbitrary channels of these exactly
+        name = wnames[mod]
+        if dg.is_out_channel_pruning_fn(dep.handler):
+            members.append(name)
+            producers.append(Producer(name, tuple(int(i) for i in item.root_idxs), tuple(int(i) for i in idxs)))
+        if dg.is_in_channel_pruning_fn(dep.handler) and isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)):
+            dim = 1 if isinstance(mod, nn.modules.conv._ConvNd) else -1
+            width = mod.in_channels if dim == 1 else mod.in_features
+            consumers.append(Consumer(name, dim, width, tuple(int(i) for i in item.root_idxs),
+                                      tuple(int(i) for i in idxs)))
+    return usable, members, consumers, producers
+
+
+def _tangled(root, size, producers, consumers) -> bool:
+    """Whether a group's index maps are not keyed by ``root``'s own output channels one to one: a root index out of
+    ``range(size)``, the root's map not the identity, or one channel of a member reached from two root indices
+    (pruning one gene would then take another channel's genes with it)."""
+    for maps in (producers, consumers):
+        reached: dict = {}
+        for m in maps:
+            for r, i in zip(m.root_idxs, m.idxs):
+                if not 0 <= r < size or reached.setdefault((m.module, i), r) != r:
+                    return True
+    root_map = {(r, i) for p in producers if p.module == root for r, i in zip(p.root_idxs, p.idxs)}
+    return root_map != {(r, r) for r in range(size)}
+
+
+def _independent(dg, grp, root, size, producers, consumers, wnames) -> bool:
+    """Whether removing one root channel removes exactly what the group's maps say it does. Where channels pass a
+    concat or a split they may come back into their own group at another offset (a ghost module's
+    ``cat([x, cheap(x)])`` added to a residual stream): torch-pruning then prunes root channels 0 and 4 together
+    when asked for 0, and keeps only one root index per channel in the group it reports, so the maps alone cannot
+    tell. Single-channel groups can: those of the first and the last root channel."""
+    kinds = (tp.ops.OPTYPE.CONCAT, tp.ops.OPTYPE.SPLIT)
+    if not any(item.dep.target.type in kinds or item.dep.source.type in kinds for item in grp):
+        return True
+    want: dict = {}
+    for kind, maps in (("out", producers), ("in", consumers)):
+        for m in maps:
+            for r, i in zip(m.root_idxs, m.idxs):
+                want.setdefault(r, set()).add((kind, m.module, i))
+    pruner = dg.get_pruner_of_module(root)
+    for r in (0, size - 1):
+        got = set()
+        for item in dg.get_pruning_group(root, pruner.prune_out_channels, [r]):
+            mod, handler = item.dep.target.module, item.dep.handler
             if not isinstance(mod, nn.Module) or mod not in wnames:
                 continue
-            if _is_grouped_conv(mod) or isinstance(mod, (nn.GroupNorm, nn.LayerNorm)):
-                usable = False  # torch-pruning cannot remove arbitrary channels of these exactly
-            name = wnames[mod]
-            if dg.is_out_channel_pruning_fn(dep.handler):
-                members.append(name)
-                producers.append(Producer(name, tuple(int(i) for i in item.root_idxs), tuple(int(i) for i in idxs)))
-            if dg.is_in_channel_pruning_fn(dep.handler) and isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)):
-                dim = 1 if isinstance(mod, nn.modules.conv._ConvNd) else -1
-                width = mod.in_channels if dim == 1 else mod.in_features
-                consumers.append(Consumer(name, dim, width, tuple(int(i) for i in item.root_idxs),
-                                          tuple(int(i) for i in idxs)))
+            if dg.is_out_channel_pruning_fn(handler):
+                got.update(("out", wnames[mod], int(i)) for i in item.idxs)
+            if dg.is_in_channel_pruning_fn(handler) and isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)):
+                got.update(("in", wnames[mod], int(i)) for i in item.idxs)
+        if got != want.get(r, set()):
+            return False
+    return True
+
+
+def _discover_groups(traced, work, wnames, order, ignored_names, output_producers):
+    """The usable groups in network order, their root modules, and ``(untraceable ops, layers, tangled layers)``
+    left out because their group reaches an op torch-pruning cannot map, or maps their channels onto the root's
+    several times (None when there are none)."""
+    dg = traced.graph
+    modules = dict(work.named_modules())
+    groups, roots, hit, left_out, tangled = [], {}, {}, [], []
+    ignored = [modules[n] for n in ignored_names]
+    convs_linears = (nn.modules.conv._ConvNd, nn.Linear)
+    for grp in dg.get_all_groups(ignored_layers=ignored, root_module_types=convs_linears):
+        usable, members, consumers, producers = _read_group(grp, dg, wnames, output_producers)
         members = sorted(set(members), key=order.get)
         if not usable or not members:
             continue
         root = members[0]
-        size = dg.get_out_channels(dict(work.named_modules())[root])
+        size = dg.get_out_channels(modules[root])
         if size is None or size < 2:
             continue
         touched = traced.touches(grp)
         if touched:
             hit.update((id(u.node), u) for u in touched)
-            left_out.extend(m for m in members if isinstance(work.get_submodule(m), (nn.modules.conv._ConvNd,
-                                                                                      nn.Linear)))
+            left_out.extend(m for m in members if isinstance(modules[m], convs_linears))
+            continue
+        if _tangled(root, size, producers, consumers):
+            # torch-pruning roots a group at the first layer it traces (from the output), whose channels may be
+            # several of the group's own (a ghost module's depthwise conv after its concat of x and cheap(x)):
+            # re-root it at the group's first member, whose output channels name its genes
+            pruner = dg.get_pruner_of_module(modules[root])
+            grp = dg.get_pruning_group(modules[root], pruner.prune_out_channels, list(range(size)))
+            usable, again, consumers, producers = _read_group(grp, dg, wnames, output_producers)
+            if not usable or sorted(set(again), key=order.get) != members or traced.touches(grp) or \
+                    _tangled(root, size, producers, consumers):
+                tangled.extend(m for m in members if isinstance(modules[m], convs_linears))
+                continue
+        if not _independent(dg, grp, modules[root], size, producers, consumers, wnames):
+            tangled.extend(m for m in members if isinstance(modules[m], convs_linears))
             continue
         groups.append(ChannelGroup(root, int(size), tuple(members), tuple(consumers), tuple(producers)))
-        roots[root] = dict(work.named_modules())[root]
+        roots[root] = modules[root]
     groups.sort(key=lambda g: order[g.name])
-    return groups, roots, (list(hit.values()), sorted(set(left_out), key=order.get)) if left_out else None
+    if not (left_out or tangled):
+        return groups, roots, None
+    return groups, roots, (list(hit.values()), sorted(set(left_out), key=order.get),
+                           sorted(set(tangled), key=order.get))
 
 
 def _discover_units(work, x, groups) -> list[ConnectionUnit]:
@@ -229,21 +312,28 @@ def _discover_units(work, x, groups) -> list[ConnectionUnit]:
             consumer_of.setdefault(c.module, g.name)
     units = []
 
-    # residual units: out = f(x) + x (optionally followed by an activation), with input and output shapes equal
-    found = []
+    # residual units: out = f(x) + x (optionally followed by an activation), with input and output shapes equal.
+    # A cut unit is replaced by nn.Identity, which takes one tensor and returns it: every call of the block must
+    # take exactly one argument, a tensor, and return one tensor of its shape (a tree-aggregation block called as
+    # block(x, shortcut), or with a list of children, is no unit; its channels may still be pruned).
+    calls: dict = {}
+    io: dict = {}  # module -> (grad_fn of its input, grad_fn of its output), first call
 
-    def hook(module, args, out):
-        inp = args[0] if args else None
-        if isinstance(inp, torch.Tensor) and isinstance(out, torch.Tensor) and inp.shape == out.shape \
-                and inp.grad_fn is not None and _adds_identity(out.grad_fn, inp.grad_fn):
-            found.append(module)
+    def hook(module, args, kwargs, out):
+        inp = args[0] if len(args) == 1 and not kwargs else None
+        if isinstance(inp, torch.Tensor) and isinstance(out, torch.Tensor):
+            io.setdefault(module, (inp.grad_fn, out.grad_fn))
+        if module in blocks:
+            calls.setdefault(module, []).append(
+                isinstance(inp, torch.Tensor) and isinstance(out, torch.Tensor) and inp.shape == out.shape
+                and inp.grad_fn is not None and _adds_identity(out.grad_fn, inp.grad_fn))
 
-    blocks = [m for name, m in modules.items() if name and list(m.children()) and any(True for _ in m.parameters())
-              and not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))]
-    with forward_hooks(blocks, hook), torch.enable_grad():
-        work(x)
+    blocks = {m for name, m in modules.items() if name and list(m.children()) and any(True for _ in m.parameters())
+              and not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))}
+    with forward_hooks(work.modules(), hook, with_kwargs=True), torch.enable_grad():
+        out = work(x)
     wnames = {m: n for n, m in modules.items()}
-    for m in found:
+    for m in (m for m, ok in calls.items() if all(ok)):
         name = wnames[m]
         unit = ConnectionUnit(name, "residual", (name,))
         if _cut_is_clean(unit, groups):
@@ -280,7 +370,49 @@ def _discover_units(work, x, groups) -> list[ConnectionUnit]:
                 i += 1
     order = {n: k for k, n in enumerate(modules)}
     units.sort(key=lambda u: order[u.modules[0]])
-    return _drop_nested_duplicates(units)
+    units = _drop_nested_duplicates(units)
+    ends = {}  # unit -> (input grad_fn, output grad_fn) of the part a cut bypasses
+    for u in units:
+        first, last = modules[u.modules[0]], modules[u.modules[-1]]
+        if first in io and last in io:
+            ends[u.name] = (io[first][0], io[last][1])
+    bad = _duplicating_cuts(out, ends) | {u.name for u in units if u.name not in ends}
+    return [u for u in units if u.name not in bad]
+
+
+def _duplicating_cuts(out, ends) -> set[str]:
+    """The units whose cut would feed one tensor twice into a concatenation: a cut unit's output IS its input, so
+    ``cat([block(x), x])`` (a DLA root joins a block and its input) becomes ``cat([x, x])``, which torch-pruning
+    cannot map (one producer at two offsets): the pruned model would not run. Chains of cuts count too."""
+    by_output: dict = {}
+    for name, (fn_in, fn_out) in ends.items():
+        if fn_in is not None and fn_out is not None:
+            by_output.setdefault(fn_out, []).append((name, fn_in))
+    bad, stack, seen = set(), [getattr(out, "grad_fn", None)], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        nexts = [n for n, _ in getattr(fn, "next_functions", ()) if n is not None]
+        stack.extend(nexts)
+        if fn.name() not in ("CatBackward0", "StackBackward0") or len(nexts) < 2:
+            continue
+        reach = []  # per input: {tensor it may become: the units to cut for it}
+        for n in nexts:
+            targets, frontier = {n: frozenset()}, [n]
+            while frontier:
+                f = frontier.pop()
+                for name, fn_in in by_output.get(f, ()):
+                    if fn_in not in targets:
+                        targets[fn_in] = targets[f] | {name}
+                        frontier.append(fn_in)
+            reach.append(targets)
+        for a in range(len(reach)):
+            for b in range(a + 1, len(reach)):
+                for f in reach[a].keys() & reach[b].keys():
+                    bad |= reach[a][f] | reach[b][f]
+    return bad
 
 
 def _drop_nested_duplicates(units):
@@ -323,12 +455,19 @@ def _seq_cut_is_clean(run, out_group, groups, modules) -> bool:
 
 def _cut_is_clean(unit, groups, dead_ok=None) -> bool:
     """A unit may be cut only if no group whose producers all sit inside it still feeds something outside it,
-    except a sequential unit's own output group, whose consumers are then fed by the unit's input group."""
+    except a sequential unit's own output group, whose consumers are then fed by the unit's input group. And a
+    group whose first member (its root) the cut removes is then pruned through its first member left: that one's
+    output channels must be the root's, one to one."""
     for g in groups:
         if all(unit.contains(m) for m in g.members):
             if g.name == dead_ok:
                 continue
             if any(not unit.contains(c.module) for c in g.consumers):
+                return False
+        elif unit.contains(g.members[0]):
+            heir = next(m for m in g.members if not unit.contains(m))
+            maps = {(r, i) for p in g.producers if p.module == heir for r, i in zip(p.root_idxs, p.idxs)}
+            if maps != {(r, r) for r in range(g.size)}:
                 return False
     return True
 

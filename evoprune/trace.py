@@ -8,13 +8,16 @@ wrong sizes), and pruning a group through it corrupts the model silently. :func:
 
 * a failure in the index mapping of one node is caught and recorded instead of aborting the build (a patch of
   torch-pruning's per-node updaters, for the duration of the build only);
-* every reshape, split and concat node is checked against what it really does to the channel axis, from the shapes
-  recorded during torch-pruning's own forward pass: its mappings must send each channel where the op sends it;
+* every reshape, split, concat and slice node is checked against what it really does to the channel axis, from the
+  shapes recorded during torch-pruning's own forward pass: its mappings must send each channel where the op sends
+  it. A reshape that only merges or splits the leading axes of a channels-last tensor (what ``nn.Linear`` does to
+  an (N, H, W, C) input: (N, H, W, C) -> (N*H*W, C)) keeps every channel where it is, and passes; a slice that
+  drops channels (``out[:, :k]``) cannot follow pruning (its bounds are fixed), and does not;
 * the nodes that failed or are wrong come back as :class:`Untraceable` and are made inert, so that the graph stays
   usable (``get_pruning_group`` re-runs the index mapping every time, which would raise again).
 
-A group that reaches an untraceable node (:meth:`Traced.touches`) must be left alone, whole. Slices, unbinds and
-expands are not checked (no CNN family here uses them on channels); a failure in their mapping is still caught.
+A group that reaches an untraceable node (:meth:`Traced.touches`) must be left alone, whole. Unbinds and expands are
+not checked (no CNN family here uses them on channels); a failure in their mapping is still caught.
 """
 from __future__ import annotations
 
@@ -75,6 +78,7 @@ def build(model: nn.Module, example_inputs: torch.Tensor) -> Traced:
     Raises whatever torch-pruning raises outside the index mapping (tracing itself, shape inference)."""
     failed: dict = {}  # node -> error, filled by the patched updaters
     bad: dict = {}  # node -> reason
+    axes: dict = {}  # node -> the axis of its output's channels (see _channel_axis)
     with _LOCK, torch.enable_grad(), _recording(model) as ops, _tolerant_index_mapping(failed):
         dg = tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False)
         # Making a node inert changes what its neighbours infer, and get_pruning_group re-runs the whole mapping:
@@ -86,11 +90,15 @@ def build(model: nn.Module, example_inputs: torch.Tensor) -> Traced:
                     reason = _problem(node, ops, failed)
                     if reason:
                         new[node] = reason
+                for src, reason in _misread_inputs(node, ops, axes):
+                    if src not in bad:
+                        new.setdefault(src, reason)
             if not new:
                 break
             bad.update(new)
             for node in new:
-                _make_inert(node)
+                if isinstance(node.module, _TP_OPS):  # a module of the model keeps its type (and its pruner)
+                    _make_inert(node)
             _index_mapping.update_index_mapping(dg)
     found = [Untraceable(node, _op_name(node), ops.get(node.grad_fn, (None, None, ""))[2], reason)
              for node, reason in bad.items()]
@@ -150,8 +158,16 @@ def _tolerant_index_mapping(failed: dict):
             setattr(_index_mapping, name, fn)
 
 
+_LINEAR = torch.nn.functional.linear
+_VIEWS = ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0")
+
+
 class _OpShapes(TorchFunctionMode):
-    """For every op whose result autograd tracks: its grad_fn -> (input shapes, output shapes, running module)."""
+    """For every op whose result autograd tracks: its grad_fn -> (input shapes, output shapes, running module).
+
+    ``F.linear`` on an input of more than two dims flattens it inside the call (one aten view, (N, H, W, C) ->
+    (N*H*W, C), that no torch function runs): that view is recorded too, from its saved input size, so that the
+    reshape check sees it."""
 
     def __init__(self, stack):
         super().__init__()
@@ -163,9 +179,33 @@ class _OpShapes(TorchFunctionMode):
         outs = _tensors(out)
         fn = outs[0].grad_fn if outs else None
         if fn is not None and fn not in self.ops:
-            self.ops[fn] = ([tuple(t.shape) for t in _tensors(args)], [tuple(t.shape) for t in outs],
-                            self.stack[-1] if self.stack else "")
+            where = self.stack[-1] if self.stack else ""
+            self.ops[fn] = ([tuple(t.shape) for t in _tensors(args)], [tuple(t.shape) for t in outs], where)
+            if func is _LINEAR and args and isinstance(args[0], torch.Tensor) and args[0].dim() > 2:
+                self._linear_views(fn, args[0], outs[0], where)
         return out
+
+    def _linear_views(self, fn, x, y, where, depth: int = 4) -> None:
+        """Record the views inside ``F.linear(x) -> y``: the flattening of x, and (when the bias is added after
+        the matmul: a non-contiguous x) the unflattening of the matmul's output, marked ``("linear-out", C)``."""
+        shape, out = tuple(x.shape), tuple(y.shape)
+        flat, inner = (math.prod(shape[:-1]), shape[-1]), (math.prod(out[:-1]), out[-1])
+        frontier, seen = [fn], set()
+        for _ in range(depth):
+            nxt = []
+            for f in frontier:
+                for g, _ in getattr(f, "next_functions", ()):
+                    if g is None or g is x.grad_fn or g in seen:
+                        continue
+                    seen.add(g)
+                    saved = tuple(getattr(g, "_saved_self_sym_sizes", ())) if g.name() in _VIEWS else None
+                    if saved == shape:
+                        self.ops.setdefault(g, ([shape], [flat], where))
+                        continue
+                    if saved == inner and g is not fn:
+                        self.ops.setdefault(g, ([inner], [out], where, ("linear-out", shape[-1])))
+                    nxt.append(g)
+            frontier = nxt
 
 
 def _tensors(x) -> list:
@@ -207,7 +247,8 @@ def _problem(node, ops, failed) -> str | None:
     """None if torch-pruning maps this node's channels as the op moves them, else why not."""
     if node in failed:
         return f"torch-pruning's index mapping failed here ({failed[node]})"
-    check = {_OPTYPE.RESHAPE: _reshape_problem, _OPTYPE.SPLIT: _split_problem, _OPTYPE.CONCAT: _concat_problem}
+    check = {_OPTYPE.RESHAPE: _reshape_problem, _OPTYPE.SPLIT: _split_problem, _OPTYPE.CONCAT: _concat_problem,
+             _OPTYPE.SLICE: _slice_problem}
     if node.type not in check:
         return None
     recorded = ops.get(node.grad_fn)
@@ -216,9 +257,32 @@ def _problem(node, ops, failed) -> str | None:
     if any(len(s) < 2 for s in recorded[0] + recorded[1]):
         return "it works on tensors without a channel axis"
     try:
+        if node.type in (_OPTYPE.RESHAPE, _OPTYPE.SLICE):
+            return check[node.type](node, recorded[0], recorded[1], ops)
         return check[node.type](node, recorded[0], recorded[1])
     except Exception as exc:  # a mapping that raises when called (e.g. too few split offsets)
         return f"its index mapping raises {type(exc).__name__}: {exc}"
+
+
+def _misread_inputs(node, ops, memo) -> list:
+    """``[(input node, reason)]``: the inputs of a conv or norm (which reads its channels on axis 1; a plain
+    LayerNorm on the last) whose channels are known to lie on another axis. An nn.Linear applied to an NCHW
+    tensor mixes its last axis, not its channels: the features torch-pruning couples to the next conv's input
+    channels are not the ones the conv reads. The input is what cannot be mapped; the module's own outputs can."""
+    mod = node.module
+    if isinstance(mod, _AXIS1):
+        want = lambda nd: 1  # noqa: E731
+    elif type(mod) is nn.LayerNorm and len(mod.normalized_shape) == 1:
+        want = lambda nd: nd - 1  # noqa: E731
+    else:
+        return []
+    out = []
+    for src in node.inputs:
+        found = _channel_axis(src, ops, memo)
+        if found is not None and found[0] != want(found[1]):
+            out.append((src, f"it feeds {type(mod).__name__} channels on axis {found[0]} of a {found[1]}-D tensor, "
+                             f"where it reads them on axis {want(found[1])}"))
+    return out
 
 
 def _edges(node):
@@ -249,8 +313,31 @@ def _same(i):
     return [i]
 
 
-def _reshape_problem(node, ins, outs) -> str | None:
+def _identity_maps(node, c) -> bool:
+    """Whether torch-pruning maps all c channels straight through ``node``, both ways, on every edge."""
+    return all(_maps(src, node, 0, c, _same) and _maps(node, src, 0, c, _same) for src in node.inputs) and \
+        all(_maps(node, dst, 0, c, _same) and _maps(dst, node, 0, c, _same) for dst in node.outputs)
+
+
+def _reshape_problem(node, ins, outs, ops=None) -> str | None:
     inp, out = ins[0], outs[0]
+    recorded = ops.get(node.grad_fn) if ops is not None else None
+    if recorded is not None and len(recorded) > 3 and recorded[3][0] == "linear-out":
+        # inside F.linear, after the matmul that torch-pruning passes the Linear's INPUT channels through (as if
+        # elementwise): what it maps here are those C channels, checked where F.linear flattens its input
+        if _identity_maps(node, recorded[3][1]):
+            return None
+        return "torch-pruning maps the channels of an nn.Linear through its own matmul"
+    axis = _input_axis(node, ops) if ops is not None else None
+    if axis is not None and axis[0] == axis[1] - 1 == len(inp) - 1 > 1:  # channels last (and not (N, C))
+        if inp[-1] == out[-1] and math.prod(inp[:-1]) == math.prod(out[:-1]):
+            # only the leading axes are merged or split: the last one stays, and so do its channels
+            if _identity_maps(node, inp[-1]):
+                return None
+            return f"it keeps the channels-last channels ({inp} -> {out}) but torch-pruning maps them as if it did not"
+        return f"it reshapes {inp} to {out} with the channels on the last axis, which moves them"
+    if axis is not None and axis[0] != 1:
+        return f"it reshapes {inp} to {out} with the channels on axis {axis[0]}, which torch-pruning cannot map"
     if inp[0] != out[0]:
         return f"it reshapes {inp} to {out} across the batch axis"
     if inp[:2] == out[:2]:  # the channel axis is untouched: channel c stays channel c, nothing may be mapped
@@ -266,6 +353,87 @@ def _reshape_problem(node, ins, outs) -> str | None:
             return None
         return f"torch-pruning maps the flatten {inp} -> {out} with the wrong stride"
     return f"it moves channels ({inp} -> {out}), which torch-pruning cannot map"
+
+
+# channel axis of a node's output, found by walking the graph back to a module that fixes it
+_AXIS1 = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
+          nn.GroupNorm)
+_TP_OPS = tuple(getattr(tp.ops, n) for n in ("_ElementWiseOp", "_ConcatOp", "_SplitOp", "_ReshapeOp", "_SliceOp",
+                                              "_UnbindOp", "_ExpandOp") if hasattr(tp.ops, n))
+_BROADCASTING = ("AddBackward0", "SubBackward0", "MulBackward0", "DivBackward0")
+
+
+def _input_axis(node, ops):
+    """``(axis, ndim)`` of the channels reaching ``node``, if every input tells the same; None if unknown."""
+    memo: dict = {}
+    axes = {_channel_axis(src, ops, memo) for src in node.inputs}
+    return axes.pop() if len(axes) == 1 else None
+
+
+def _channel_axis(node, ops, memo, depth: int = 0):
+    """``(axis, ndim)`` of the channels in ``node``'s output tensor, or None where it cannot be told. Modules fix it
+    (convs and batch norms: 1; ``nn.Linear`` and a plain ``nn.LayerNorm`` over one axis: the last); permutes and
+    transposes move it; elementwise ops keep it (broadcasting prepends axes), reductions drop the axes before it;
+    a reshape that keeps a channels-last axis keeps it."""
+    if node in memo:
+        return memo[node]
+    memo[node] = None  # cycles and deep graphs: unknown
+    recorded = ops.get(node.grad_fn)
+    if recorded is None or not recorded[1] or depth > 64:
+        return None
+    nd = len(recorded[1][0])
+    mod, fn = node.module, node.grad_fn
+    name = fn.name() if hasattr(fn, "name") else ""
+    found = None
+    if not isinstance(mod, _TP_OPS):  # a module of the model (or an unwrapped parameter)
+        if isinstance(mod, _AXIS1):
+            found = (1, nd)
+        elif type(mod) is nn.Linear or (type(mod) is nn.LayerNorm and len(mod.normalized_shape) == 1):
+            found = (nd - 1, nd)
+    else:
+        axes = {a for a in (_channel_axis(src, ops, memo, depth + 1) for src in node.inputs) if a is not None}
+        if len(axes) == 1:
+            (axis, ind), = axes
+            if name == "PermuteBackward0":
+                dims = [d % nd for d in fn._saved_dims]
+                found = (dims.index(axis), nd) if ind == nd else None
+            elif name == "TransposeBackward0":
+                d0, d1 = fn._saved_dim0 % nd, fn._saved_dim1 % nd
+                found = ({d0: d1, d1: d0}.get(axis, axis), nd) if ind == nd else None
+            elif name in _VIEWS:
+                inp, out = recorded[0][0], recorded[1][0]
+                keeps_last = inp[-1] == out[-1] and math.prod(inp[:-1]) == math.prod(out[:-1])
+                if keeps_last and axis == ind - 1 == len(inp) - 1:
+                    found = (nd - 1, nd)  # channels last, leading axes merged or split
+                elif ind == len(inp) and inp[:axis + 1] == out[:axis + 1]:
+                    found = (axis, nd)  # the axes up to the channels' stay (NCHW -> NC(HW))
+            elif nd == ind or (nd > ind and name in _BROADCASTING):
+                found = (axis + nd - ind, nd)  # elementwise (broadcasting prepends axes)
+            elif nd < ind and hasattr(fn, "_saved_dim") and not getattr(fn, "_saved_keepdim", True):
+                dims = fn._saved_dim if isinstance(fn._saved_dim, tuple) else (fn._saved_dim,)
+                dims = {d % ind for d in dims}
+                found = None if axis in dims else (axis - sum(d < axis for d in dims), nd)
+    memo[node] = found
+    return found
+
+
+def _slice_problem(node, ins, outs, ops=None) -> str | None:
+    """A slice that drops channels (``out[:, :k]``) has fixed bounds: once channels before its end are pruned it
+    keeps channels it used to drop. Slices of other axes (crops) keep every channel."""
+    inp, out = ins[0], outs[0]
+    fn = node.grad_fn
+    dim = getattr(fn, "_saved_dim", None)
+    if dim is None or len(inp) != len(out):
+        return f"it slices {inp} to {out} along an axis that was not recorded"
+    dim %= len(inp)
+    axis = _input_axis(node, ops) if ops is not None else None
+    if axis is not None and axis[1] == len(inp):
+        channel = axis[0]
+    else:  # torch-pruning's channel axis for slices
+        channel = {4: 1, 3: 2, 2: 1}.get(len(inp))
+    if inp[dim] == out[dim] or (channel is not None and dim != channel):
+        return None
+    return f"it slices channels {inp} -> {out} with fixed bounds, which cannot follow pruning"
 
 
 def _offsets(sizes):
@@ -324,9 +492,10 @@ __all__ = ["build", "describe", "Traced", "Untraceable"]
 
 
 @contextlib.contextmanager
-def forward_hooks(modules, hook):
-    """Register ``hook`` as a forward hook on every module for the duration of the block."""
-    handles = [m.register_forward_hook(hook) for m in modules]
+def forward_hooks(modules, hook, *, with_kwargs: bool = False):
+    """Register ``hook`` as a forward hook on every module for the duration of the block (``with_kwargs``: it is
+    called as ``hook(module, args, kwargs, output)``)."""
+    handles = [m.register_forward_hook(hook, with_kwargs=with_kwargs) for m in modules]
     try:
         yield
     finally:
