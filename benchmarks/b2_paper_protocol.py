@@ -26,25 +26,23 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from evoprune import PruningPlan, PruningSpace, apply_plan, job, reconstruct  # noqa: E402
+from b6_reconstruct import uniform_plan  # noqa: E402  (torch-pruning's uniform L1 allocation)
+from evoprune import PruningSpace, apply_plan, job, reconstruct  # noqa: E402
 from evoprune.bn import recalibrate_bn  # noqa: E402
 from evoprune.data import load_images, normalize, normalized  # noqa: E402
 from evoprune.export import layer_widths, model_bytes  # noqa: E402
-from evoprune.importance import channel_importance  # noqa: E402
 from evoprune.lsq import calibration_subset  # noqa: E402
 from evoprune.models import load_weights, resnet18_tv, vgg16_bn_cifar  # noqa: E402
 from evoprune.options import JobOptions  # noqa: E402
@@ -104,26 +102,6 @@ def run_ga(args, data, teacher, out_dir: Path, opts: JobOptions) -> dict:
 
 
 # ------------------------------------------------------------------------------- the control (torch-pruning L1)
-def uniform_params_plan(model, space, x, params_budget) -> PruningPlan:
-    """torch-pruning's uniform L1 allocation: the same keep ratio in every group (the highest-L1 channels), the
-    ratio bisected to the largest one whose parameter count is within ``params_budget``; no unit cut."""
-    imp = channel_importance(model, space, x, "l1")
-    order = {g.name: np.argsort(-np.asarray(imp[g.name]), kind="stable") for g in space.groups}
-
-    def plan(r):
-        groups = {g.name: tuple(sorted(int(i) for i in order[g.name][:max(1, math.ceil(r * g.size))]))
-                  for g in space.groups}
-        return PruningPlan(groups, {u.name: True for u in space.units}, fingerprint=space.fingerprint)
-    lo, hi = 0.0, 1.0
-    for _ in range(24):
-        mid = (lo + hi) / 2
-        if space.cost(plan(mid))[1] > params_budget:
-            hi = mid
-        else:
-            lo = mid
-    return plan(lo)
-
-
 def run_control(args, data, teacher, out_dir: Path, opts: JobOptions, ga_rows: list[dict]) -> dict:
     """Round by round from the teacher: uniform L1 at the GA's parameter count, the job's recovery and fine-tune.
     Resumes from ``out_dir/control_round<k>.pt`` (the model) and ``control.json`` (the rows)."""
@@ -148,7 +126,7 @@ def run_control(args, data, teacher, out_dir: Path, opts: JobOptions, ga_rows: l
     for k in range(len(rows) + 1, len(ga_rows) + 1):
         t0 = time.perf_counter()
         space = PruningSpace.from_model(current, x)
-        plan = uniform_params_plan(current, space, x, ga_rows[k - 1]["params"])
+        plan = uniform_plan(current, space, x, ga_rows[k - 1]["params"], index=1, steps=24)
         pruned = reconstruct(current, apply_plan(current, plan, x, space=space), plan, space, calib, "lsq",
                              seed=opts.seed, inplace=True)
         alt = recalibrate_bn(copy.deepcopy(pruned), recal_x)
@@ -188,6 +166,34 @@ def latencies(out_dir: Path, x, runs: dict) -> None:
             row["onnx_ms"] = measure(model, x, runtime="onnxruntime", batch=1, threads=1, repeats=50).median_ms
 
 
+def record_pauses(pause_log: Path) -> None:
+    """Record in each GA row the seconds its search spent paused (``paused_s``): a log of ``pause EPOCH ...`` /
+    ``resume EPOCH`` lines, written by whoever stopped the benchmark (SIGSTOP) to run something else. A round ends
+    when its card ``round{k}.json`` is written; it started ``round_s`` before that and searched ``search_s``."""
+    spans, start = [], None
+    for line in pause_log.read_text().splitlines():
+        kind, _, rest = line.partition(" ")
+        if kind == "pause":
+            start = float(rest.split()[0])
+        elif kind == "resume" and start is not None:
+            spans.append((start, float(rest.split()[0])))
+            start = None
+    for path in RESULTS.glob("b2_*.json"):
+        res = json.loads(path.read_text())
+        for key, run in res["runs"].items():
+            if not key.startswith("ga "):
+                continue
+            out_dir = RESULTS / f"{path.stem}_s{key.split(' s')[-1]}"
+            for row in run["rows"]:
+                card = out_dir / f"round{row['round']}.json"
+                if not card.is_file():
+                    continue
+                t0 = card.stat().st_mtime - row["round_s"]
+                t1 = t0 + row["search_s"]
+                row["paused_s"] = sum(max(0.0, min(b, t1) - max(a, t0)) for a, b in spans)
+        write_json(path, res)
+
+
 # ------------------------------------------------------------------------------------------------ rendering
 def render(archs=("resnet18_tv", "vgg16_bn")) -> str:
     parts = []
@@ -207,9 +213,11 @@ def render(archs=("resnet18_tv", "vgg16_bn")) -> str:
                    "|---|---|---|---|---|---|---|---|---|---|---|---|"]
             for r, p in zip(run["rows"], paper["rows"]):
                 ps = paper["search_s"][r["round"] - 1] if paper["search_s"] else "–"
+                search = f"{r['search_s'] - r.get('paused_s', 0.0):.0f}" + \
+                    (f" ({r['paused_s']:.0f} paused)" if r.get("paused_s", 0) >= 1 else "")
                 md.append(f"| {r['round']} | {r['params'] / 1e6:.3f} | {r['size_mb']:.3f} | {r['macs'] / 1e6:.2f} | "
                           f"{r.get('onnx_ms', float('nan')):.3f} | {r['top1_reconstructed']:.4f} | {r['top1']:.4f} | "
-                          f"{100 * (base['top1'] - r['top1']):.2f} | {r['search_s']:.0f} | {p[1]} | {p[3]:.4f} | "
+                          f"{100 * (base['top1'] - r['top1']):.2f} | {search} | {p[1]} | {p[3]:.4f} | "
                           f"{ps} |")
             within = [r["round"] for r in run["rows"] if base["top1"] - r["top1"] <= 0.01]
             md += ["", f"Last round within 1 pp of the teacher: "
@@ -258,8 +266,12 @@ def main():
     p.add_argument("--data", default=str(SHARED / "data" / "cifar10-jpeg-trainval.tar.gz"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--render", action="store_true", help="only render the tables and the plot from the JSONs")
+    p.add_argument("--pauses", type=Path, default=None,
+                   help="with --render: a log of the benchmark's pauses (see record_pauses); search times less them")
     args = p.parse_args()
     if args.render:
+        if args.pauses:
+            record_pauses(args.pauses)
         write_text(RESULTS / "b2_paper_protocol.md", render() + "\n")
         plot(RESULTS / "b2_paper_protocol.png")
         print(render())

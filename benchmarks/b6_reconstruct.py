@@ -73,7 +73,10 @@ class PeakRSS:
         self.thread.join()
 
 
-def uniform_plan(teacher, space, x, target_macs) -> PruningPlan:
+def uniform_plan(teacher, space, x, budget, *, index: int = 0, steps: int = 20) -> PruningPlan:
+    """torch-pruning's uniform L1 allocation: the highest-L1 channels at one keep ratio in every group, bisected
+    (``steps`` halvings) to the largest ratio whose cost (``space.cost(plan)[index]``: 0 MACs, 1 params) is within
+    ``budget``; no unit cut."""
     imp = channel_importance(teacher, space, x, "l1")
     order = {g.name: np.argsort(-np.asarray(imp[g.name]), kind="stable") for g in space.groups}
 
@@ -82,9 +85,9 @@ def uniform_plan(teacher, space, x, target_macs) -> PruningPlan:
                   for g in space.groups}
         return PruningPlan(groups, {u.name: True for u in space.units}, fingerprint=space.fingerprint)
     lo, hi = 0.0, 1.0
-    for _ in range(20):
+    for _ in range(steps):
         mid = (lo + hi) / 2
-        if space.cost(plan(mid))[0] > target_macs:
+        if space.cost(plan(mid))[index] > budget:
             hi = mid
         else:
             lo = mid
