@@ -256,7 +256,8 @@ class Search:
         base = self.result.baseline
         row = model_row(pruned, self.example_inputs, config)
         row.update({
-            "round": rnd.k, "budget": rnd.budget, "budget_kind": config.target_kind, "search_score": best.fitness.values[0],
+            "round": rnd.k, "budget": rnd.budget, "budget_kind": config.target_kind,
+            "search_score": best.fitness.values[0],
             "top1_pruned": top1_pruned, "top1": self.report(pruned) if self.report else None,
             "reduction_pct": 100.0 * (1 - row["params"] / base["params"]),
             "macs_pct": 100.0 * row["macs"] / base["macs"], "time_s": time.perf_counter() - rnd.t0,

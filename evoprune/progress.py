@@ -3,7 +3,7 @@
 Bars are drawn only when stderr is a terminal. When it is a log file or a pipe (no ``\\r`` redraws there), a step
 that runs longer than :data:`FIRST_LINE_S` prints plain lines instead, at most one per ``EVOPRUNE_PROGRESS_INTERVAL``
 seconds (default 30): the step's name, the work done out of the total, the elapsed time and an ETA, e.g.
-``evoprune: round 1 gen 2: 12/25 plans (48 %), 31 s, ETA 34 s``. The caller can turn progress off
+``evoprune: round 1/5 gen 2/4: 12/25 plan (48 %), 31 s, ETA 34 s``. The caller can turn progress off
 (``enabled=False``), and so can ``EVOPRUNE_PROGRESS=0`` for the whole process; ``EVOPRUNE_PROGRESS=1`` forces bars on
 (for a terminal that is not detected as one).
 """

@@ -234,9 +234,9 @@ def load_module(path: str | os.PathLike, *, trust: bool = False) -> torch.nn.Mod
     :class:`ExportedModule`) or a TorchScript file.
 
     ExportedPrograms and TorchScript files carry no pickle of arbitrary classes and load without ``trust``. A
-    pickled module can run arbitrary code when loaded, so it needs ``trust=True``. Raises :class:`CheckpointError` whose ``reason`` says
-    what the file is instead: missing, empty, not-torch, corrupt, state_dict (weights only: load them into the model
-    with :func:`evoprune.models.load_weights`), untrusted, or not-module.
+    pickled module can run arbitrary code when loaded, so it needs ``trust=True``. Raises :class:`CheckpointError`
+    whose ``reason`` says what the file is instead: missing, empty, not-torch, corrupt, state_dict (weights only:
+    load them into the model with :func:`evoprune.models.load_weights`), untrusted, or not-module.
     """
     path = Path(path)
     kind = _check_readable(path, "an ExportedProgram (torch.export.save, .pt2), a TorchScript file (torch.jit.save) "
