@@ -131,6 +131,7 @@ def build_parser() -> Parser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
                         help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=Parser)
+    parser.commands = sub.choices  # subcommand -> its parser (for check_combinations' errors, with its prog)
 
     # demo ---------------------------------------------------------------------------------------------------
     p = _command(sub, "demo", "the built-in job on generated data (no download)",
@@ -245,7 +246,7 @@ def build_parser() -> Parser:
 
 def check_combinations(parser: Parser, args: argparse.Namespace) -> None:
     """Flag combinations argparse cannot express; usage errors (exit code 2)."""
-    sub = parser._subparsers._group_actions[0].choices[args.command]  # the subcommand's parser, for its prog
+    sub = parser.commands[args.command]  # the subcommand's parser, for its prog
     if hasattr(args, "data") and not args.data:
         sub.error("--data is required (or set $EVOPRUNE_DATA)")
     if getattr(args, "data", None):

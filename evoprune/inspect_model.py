@@ -126,11 +126,9 @@ def format_info(info: dict) -> str:
             lines.append("  (TorchScript: per-layer MACs need the Python model)")
         lines.append("")
     space = info.get("space")
-    if space is None:
-        pass
-    elif "error" in space:
+    if space is not None and "error" in space:
         lines.append(f"pruning space: none ({space['error']})")
-    else:
+    elif space is not None:
         shape = "x".join(map(str, space["input_shape"]))
         lines += [f"pruning space of {space['model']} for input {shape} (fingerprint {space['fingerprint']})",
                   f"  base MACs {_mmacs(space['base_macs'])} M, params {space['base_params']:,}",

@@ -385,3 +385,20 @@ def test_a_worker_failure_under_scoop_names_the_plan_and_keeps_the_checkpoint(tm
     assert "tiny_search: done" not in output and not (bad / "result.json").exists()
     state = torch.load(bad / "checkpoint" / ckpt.FILENAME, weights_only=True)  # the last checkpoint is intact
     assert state["round"] == 1 and state["generation"] >= 0 and len(state["population"]) == 10
+
+
+def test_the_public_face_has_what_the_readme_and_examples_use():
+    """What users reach for is importable from ``evoprune`` itself and is the same object as in its module;
+    ``Round`` (a round's internal state) left the public face with a DeprecationWarning."""
+    import evoprune
+    from evoprune import bn, engines, errors, importance, latency, runtime
+    assert (evoprune.EngineError, evoprune.LatencyWarning, evoprune.LatencyTable, evoprune.channel_importance,
+            evoprune.recalibrate_bn, evoprune.make_map, evoprune.opened) == (
+        errors.EngineError, runtime.LatencyWarning, latency.LatencyTable, importance.channel_importance,
+        bn.recalibrate_bn, engines.make_map, engines.opened)
+    assert set(evoprune.__all__) <= set(dir(evoprune)) and "Round" not in evoprune.__all__
+    with pytest.warns(DeprecationWarning, match="evoprune.round"):
+        from evoprune.round import Round
+        assert evoprune.Round is Round
+    with pytest.raises(AttributeError):
+        evoprune.NoSuchThing
