@@ -10,7 +10,7 @@ from .importance import KINDS as IMPORTANCE_KINDS
 from .lsq import CALIB_IMAGES
 from .refit import METHODS as RECONSTRUCT_METHODS
 from .runtime import check_runtime
-from .toolbox import CROSSOVERS, MUTATIONS
+from .operators import CROSSOVERS, MUTATIONS
 
 
 METHODS = ("ga", "random", "init", "knapsack")

@@ -18,6 +18,10 @@ from deap import tools
 from .errors import ConfigError
 from .genome import Layout
 
+#: The names ``register(crossover=..., mutation=...)`` (and the CLI's --crossover, --mutation) choose from.
+CROSSOVERS = ("paper", "uniform")
+MUTATIONS = ("level", "mixed", "guided", "bitflip", "swap", "width")
+
 
 # ---------------------------------------------------------------------------------------------------- crossover
 def cut_point(layout: Layout, p_c: float) -> int:

@@ -22,7 +22,7 @@ from .engines import EXECUTORS, check_executor
 from .errors import ConfigError
 from .config import METHODS, RECONSTRUCT_METHODS, SearchConfig
 from .runtime import RUNTIMES
-from .toolbox import CROSSOVERS, MUTATIONS
+from .operators import CROSSOVERS, MUTATIONS
 
 _FIELD_DEFAULT: Any = object()  # a Flag's default: the field's own
 

@@ -55,8 +55,7 @@ def slice_plan(model: nn.Module, plan: PruningPlan, space: PruningSpace, *, vali
     of any other type or configuration (ConvTranspose, grouped non-depthwise convs, PReLU, LayerNorm, GroupNorm,
     InstanceNorm, Embedding, subclasses...), when the model holds parameters in a module that torch-pruning has no
     pruner for (it prunes those as "unwrapped parameters", out of the space's sight: a custom module with its own
-    ``nn.Parameter``; also LSTM and MultiheadAttention), or when the space has no producer index maps (a space
-    pickled by an older evoprune).
+    ``nn.Parameter``; also LSTM and MultiheadAttention).
     The fallback traces ``example_inputs`` (default: zeros of ``space.input_shape`` on the model's device);
     ``strict=True`` raises :class:`ModelError` naming the reason instead.
 
@@ -92,9 +91,7 @@ def slice_plan(model: nn.Module, plan: PruningPlan, space: PruningSpace, *, vali
 
 def _unsliceable(drops, modules: dict[str, nn.Module]) -> str | None:
     """Why :func:`slice_plan` must fall back to ``apply_plan`` (None: it can slice). ``drops`` as built by
-    :func:`_drops` (None: the space has no producer maps), ``modules`` the model's ``named_modules()``."""
-    if drops is None:
-        return "the space has no producer index maps"
+    :func:`_drops`, ``modules`` the model's ``named_modules()``."""
     for name, (out_drop, in_drop) in drops.items():
         m = modules[name]
         if not (out_drop or in_drop):
@@ -178,14 +175,11 @@ _MAPS: "weakref.WeakKeyDictionary[PruningSpace, list]" = weakref.WeakKeyDictiona
 
 def _index_maps(space: PruningSpace):
     """Per group: ``([(producer, root_idxs, idxs)], [(consumer, root_idxs, idxs, width)])`` with the index maps as
-    arrays; None if the space has no producer maps. Cached per space (a space does not change once built)."""
+    arrays. Cached per space (a space does not change once built)."""
     maps = _MAPS.get(space)
     if maps is None:
         maps = []
         for g in space.groups:
-            if g.members and not g.producers:
-                maps = None
-                break
             prod = [(p.module, np.asarray(p.root_idxs, dtype=np.int64), np.asarray(p.idxs, dtype=np.int64))
                     for p in g.producers]
             cons = [(c.module, np.asarray(c.root_idxs, dtype=np.int64), np.asarray(c.idxs, dtype=np.int64), c.width)
@@ -197,10 +191,8 @@ def _index_maps(space: PruningSpace):
 
 def _drops(space, plan, alive, modules):
     """``{module: (dropped output idxs, dropped input idxs)}`` over every surviving producer and consumer of the
-    groups that lose channels (after cut sequential units hand their input group on), or None without maps."""
+    groups that lose channels (after cut sequential units hand their input group on)."""
     maps = _index_maps(space)
-    if maps is None:
-        return None
     kept = space.effective_kept(plan)
     out: dict[str, tuple[set, set]] = {}
     for g, (prod, cons) in zip(space.groups, maps):
@@ -229,11 +221,8 @@ def _drops(space, plan, alive, modules):
 def channel_maps(model: nn.Module, plan: PruningPlan, space: PruningSpace) -> dict[str, tuple[set, set]]:
     """``{module: (dropped output indices, dropped input indices)}``, in ``model``'s (the unpruned model's) index
     space, for every surviving module whose outputs or inputs lose channels under ``plan``: which teacher channel
-    each channel of the pruned model is. :class:`ModelError` for a space without producer index maps."""
-    drops = _drops(space, plan, space.alive(plan), dict(model.named_modules()))
-    if drops is None:
-        raise ModelError("the space has no producer index maps (pickled by an older evoprune); rebuild it")
-    return drops
+    each channel of the pruned model is."""
+    return _drops(space, plan, space.alive(plan), dict(model.named_modules()))
 
 
 def _out_width(m):

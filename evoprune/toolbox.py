@@ -35,8 +35,7 @@ from .space import PruningSpace
 FITNESS = "EvoPruneFitness"
 INDIVIDUAL = "EvoPruneIndividual"
 OBJECTIVES = ("nsga2", "topk", "budget")
-CROSSOVERS = ("paper", "uniform")
-MUTATIONS = ("level", "mixed", "guided", "bitflip", "swap", "width")
+CROSSOVERS, MUTATIONS = ops.CROSSOVERS, ops.MUTATIONS  # the operators' names, declared beside them
 
 
 def creator_types():
