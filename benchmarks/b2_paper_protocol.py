@@ -291,24 +291,25 @@ def main():
     target = args.target_params or default_target
     opts = options(args, target / n_params)
     methods = args.methods.split(",")
-    runs = {}
-    ga = run_ga(args, data, teacher, out_dir, opts)
-    runs["ga"] = ga
-    if "l1-uniform" in methods:
-        runs["l1-uniform"] = run_control(args, data, teacher, out_dir, opts, ga["rows"])
     x = torch.zeros(1, 3, 32, 32)
-    base = {**ga["baseline"], "onnx_ms": measure(teacher, x, runtime="onnxruntime", batch=1, threads=1,
-                                                 repeats=20).median_ms}
-    latencies(out_dir, x, runs)
-    for method, run in runs.items():
-        res["runs"][f"{method} s{args.seed}"] = {"baseline": base, **run,
-                                                 "settings": {**asdict(opts), "target_params": target}}
-    write_json(res_path, res)
-    if not args.quick:
-        write_text(RESULTS / "b2_paper_protocol.md", render() + "\n")
-        plot(RESULTS / "b2_paper_protocol.png")
-    print(render() if not args.quick else json.dumps({k: [r["top1"] for r in v["rows"]] for k, v in runs.items()}))
+    runs = {"ga": run_ga(args, data, teacher, out_dir, opts)}
+    base = {**runs["ga"]["baseline"], "onnx_ms": measure(teacher, x, runtime="onnxruntime", batch=1, threads=1,
+                                                         repeats=20).median_ms}
 
+    def save():  # after each method, so that a long run's finished part is on file
+        latencies(out_dir, x, runs)
+        for method, run in runs.items():
+            res["runs"][f"{method} s{args.seed}"] = {"baseline": base, **run,
+                                                     "settings": {**asdict(opts), "target_params": target}}
+        write_json(res_path, res)
+        if not args.quick:
+            write_text(RESULTS / "b2_paper_protocol.md", render() + "\n")
+            plot(RESULTS / "b2_paper_protocol.png")
+    save()
+    if "l1-uniform" in methods:
+        runs["l1-uniform"] = run_control(args, data, teacher, out_dir, opts, runs["ga"]["rows"])
+        save()
+    print(render() if not args.quick else json.dumps({k: [r["top1"] for r in v["rows"]] for k, v in runs.items()}))
 
 if __name__ == "__main__":
     main()
