@@ -299,7 +299,7 @@ def main():
     def save():  # after each method, so that a long run's finished part is on file
         latencies(out_dir, x, runs)
         for method, run in runs.items():
-            res["runs"][f"{method} s{args.seed}"] = {"baseline": base, **run,
+            res["runs"][f"{method} s{args.seed}"] = {**run, "baseline": base,  # the teacher, with its latency
                                                      "settings": {**asdict(opts), "target_params": target}}
         write_json(res_path, res)
         if not args.quick:
