@@ -65,6 +65,13 @@ PAPER = {
                                                  (5, 0.1, 0.460, 0.6558, 33, 0.502)],
                     "search_s": [367.83, 332.46, 330.61, 166.83, 148.36]},
 }
+# The paper's Table 5, ResNet18: widths after rounds 1..5 by the paper's conv index (its numbering; how it maps
+# onto torchvision's 20 convs is not stated, so it is quoted beside ours, not paired with them).
+PAPER_TABLE5_RESNET18 = {
+    **{i: [64, 53, 44, 36, 30] for i in (1, 3, 5)}, **{i: [64, 58, 53, 48, 44] for i in (2, 4)},
+    **{i: [128, 103, 83, 67, 54] for i in (6, 9)}, **{i: [128, 83, 54, 36, 24] for i in (7, 8, 10)},
+    **{i: [256, 205, 164, 132, 106] for i in (11, 14)}, **{i: [256, 164, 106, 68, 44] for i in (12, 13, 15)},
+    16: [512, 359, 252, 177, 124], **{i: [512, 252, 124, 61, 31] for i in (17, 18)}}
 # The paper's Table 5: VGG16 conv widths after rounds 1..5 (conv index, 1-based).
 PAPER_TABLE5_VGG16 = {
     1: [64, 39, 24, 15, 9], 2: [64, 52, 42, 34, 28], 3: [128, 116, 105, 95, 86], 4: [128, 122, 116, 111, 106],
@@ -178,7 +185,9 @@ def record_pauses(pause_log: Path) -> None:
         elif kind == "resume" and start is not None:
             spans.append((start, float(rest.split()[0])))
             start = None
-    for path in RESULTS.glob("b2_*.json"):
+    for path in (RESULTS / f"b2_{arch}.json" for arch in NETS):
+        if not path.is_file():
+            continue
         res = json.loads(path.read_text())
         for key, run in res["runs"].items():
             if not key.startswith("ga "):
@@ -223,8 +232,34 @@ def render(archs=("resnet18_tv", "vgg16_bn")) -> str:
             md += ["", f"Last round within 1 pp of the teacher: "
                        f"{('round ' + str(max(within)) + ' (' + format(run['rows'][max(within) - 1]['params'] / 1e6, '.3f') + ' M params)') if within else 'none'}.",
                    ""]
+        for key, run in sorted(res["runs"].items()):
+            if key.startswith("ga "):
+                md += widths_table(arch, key, run) + [""]
         parts.append("\n".join(md))
     return "\n".join(parts)
+
+
+def widths_table(arch: str, key: str, run: dict) -> list[str]:
+    """The paper's Table 5 for a GA run: each conv's output channels after every round (the final classifier left
+    out), with the paper's widths beside VGG16's (conv i is the i-th conv) and after ResNet-18's table."""
+    rows = run["rows"]
+    layers = [n for n in rows[0]["widths"] if not n.startswith(("classifier", "fc"))]
+    vgg = arch == "vgg16_bn"
+    head = "| layer | " + " | ".join(f"r{r['round']}" + (" ours / paper" if vgg else "") for r in rows) + " |"
+    md = [f"Per-layer widths, **{key}** (the paper's Table 5):", "", head, "|---" * (len(rows) + 1) + "|"]
+    for i, name in enumerate(layers, 1):
+        ours = [r["widths"].get(name, 0) for r in rows]
+        if vgg:
+            paper = PAPER_TABLE5_VGG16.get(i, ["–"] * len(rows))
+            md.append(f"| conv{i} ({name}) | " + " | ".join(f"{a} / {b}" for a, b in zip(ours, paper)) + " |")
+        else:
+            md.append(f"| {name} | " + " | ".join(map(str, ours)) + " |")
+    cuts = [f"round {r['round']}: {', '.join(r['cut'])}" for r in rows if r["cut"]]
+    md += ["", "Connection units cut (their layers are gone from then on): " + ("; ".join(cuts) or "none") + "."]
+    if not vgg:
+        md += ["", "The paper's ResNet18 widths by its conv index (r1..r5): " + "; ".join(
+            f"{i}: {'/'.join(map(str, w))}" for i, w in sorted(PAPER_TABLE5_RESNET18.items())) + "."]
+    return md
 
 
 def plot(path: Path, archs=("resnet18_tv", "vgg16_bn")) -> bool:
