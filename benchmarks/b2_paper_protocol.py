@@ -216,7 +216,8 @@ def render(archs=("resnet18_tv", "vgg16_bn")) -> str:
         for key, run in sorted(res["runs"].items()):
             base = run["baseline"]
             md += [f"**{key}** (teacher top-1 on val-report {base['top1']:.4f}, {base['params'] / 1e6:.2f} M params, "
-                   f"{base['macs'] / 1e6:.1f} MMACs, {base['onnx_ms']:.3f} ms):", "",
+                   f"{base['macs'] / 1e6:.1f} MMACs" + (f", {base['onnx_ms']:.3f} ms" if base.get("onnx_ms") else "")
+                   + "):", "",
                    "| round | params (M) | size (MB) | MMACs | ONNX ms (b1) | top-1 reconstructed | top-1 after FT "
                    "| drop (pp) | search s | paper params (M) | paper top-1 | paper search s |",
                    "|---|---|---|---|---|---|---|---|---|---|---|---|"]
