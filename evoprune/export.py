@@ -108,14 +108,12 @@ def _export(model, path, example_inputs, formats, plan, widths, extra, atol, opt
         torch_save(model, written["pt"])
     skipped = {}
     if "pt2" in formats:
-        try:
-            written["pt2"] = _export_program(model, example_inputs, stem.with_name(stem.name + ".pt2"), reference,
-                                             atol)
-        except ModelError as exc:
-            if "pt2" not in optional:
-                raise
-            skipped["pt2"] = str(exc)
-            warnings.warn(f"{exc}; the .pt2 file is not written", stacklevel=3)
+        program, why = _attempt("pt2", optional, lambda: _export_program(
+            model, example_inputs, stem.with_name(stem.name + ".pt2"), reference, atol))
+        if why:
+            skipped["pt2"] = why
+        else:
+            written["pt2"] = program
     if "torchscript" in formats:
         written["torchscript"] = str(stem.with_name(stem.name + ".torchscript.pt"))
         with torch.no_grad(), warnings.catch_warnings():
@@ -131,15 +129,13 @@ def _export(model, path, example_inputs, formats, plan, widths, extra, atol, opt
             onnx_status = "skipped: install the onnx extra (pip install evoprune[onnx])"
             warnings.warn(f"ONNX export {onnx_status}", stacklevel=2)
         else:
-            try:
-                onnx_status = _export_onnx(model, example_inputs, stem.with_name(stem.name + ".onnx"), reference,
-                                           atol)
-                written["onnx"] = str(stem.with_name(stem.name + ".onnx"))
-            except ModelError as exc:
-                if "onnx" not in optional:
-                    raise
-                skipped["onnx"] = onnx_status = f"skipped: {exc}"
-                warnings.warn(f"{exc}; the .onnx file is not written", stacklevel=3)
+            onnx_path = stem.with_name(stem.name + ".onnx")
+            status, why = _attempt("onnx", optional, lambda: _export_onnx(
+                model, example_inputs, onnx_path, reference, atol))
+            if why:
+                skipped["onnx"] = onnx_status = f"skipped: {why}"
+            else:
+                onnx_status, written["onnx"] = status, str(onnx_path)
     card = model_card(model, example_inputs, plan=plan, widths=widths, extra=extra)
     card["files"] = {fmt: {"path": Path(p).name, "bytes": os.path.getsize(p)} for fmt, p in written.items()}
     card["onnx"] = onnx_status
@@ -148,6 +144,24 @@ def _export(model, path, example_inputs, formats, plan, widths, extra, atol, opt
     written["card"] = str(stem.with_name(stem.name + ".json"))
     write_json(written["card"], card)
     return written
+
+
+def _attempt(fmt: str, optional, write):
+    """``(write(), None)``; for a format in ``optional`` whose ``write`` raises :class:`ModelError`, ``(None, the
+    error's message)`` with a warning instead (the file is skipped)."""
+    try:
+        return write(), None
+    except ModelError as exc:
+        if fmt not in optional:
+            raise
+        warnings.warn(f"{exc}; the .{fmt} file is not written", stacklevel=4)
+        return None, str(exc)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (third-party errors can run to pages)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def _export_program(model, example_inputs, path: Path, reference, atol) -> str:
@@ -163,8 +177,8 @@ def _export_program(model, example_inputs, path: Path, reference, atol) -> str:
     except ModelError:
         raise
     except Exception as exc:  # torch.export's own errors (data-dependent control flow, unsupported ops)
-        line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ModelError(f"the model cannot be exported with torch.export ({type(exc).__name__}: {line})") from None
+        raise ModelError(f"the model cannot be exported with torch.export ({type(exc).__name__}: "
+                         f"{_first_line(exc)})") from None
     _check_close("pt2", got, reference, atol)
     return str(path)
 
@@ -174,8 +188,7 @@ def _export_onnx(model, example_inputs, path: Path, reference, atol) -> str:
     try:
         data = onnx_bytes(model, example_inputs)
     except Exception as exc:  # the exporter's own errors (unsupported ops)
-        line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ModelError(f"the model cannot be exported to ONNX ({type(exc).__name__}: {line})") from None
+        raise ModelError(f"the model cannot be exported to ONNX ({type(exc).__name__}: {_first_line(exc)})") from None
     got = None
     if importlib.util.find_spec("onnxruntime") is not None:
         import onnxruntime as ort

@@ -85,7 +85,7 @@ def run(model: nn.Module, data: ImageData, out_dir: str | Path, opts: JobOptions
         with _engine(opts) as engine:
             return run(model, data, out_dir, opts, title=title, verbose=verbose, source=source, map=engine)
     data = normalized(data, opts.normalize)
-    out = check_out_dir(out_dir, "out_dir" if source is None else "--out")
+    out = check_out_dir(out_dir, "out_dir")  # the command line checked --out before loading anything
     resumed = resume.check_resume(out, opts, source=source, data=data, model=model) is not None
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)

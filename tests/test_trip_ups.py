@@ -210,3 +210,28 @@ def test_pareto_plot_draws_the_budget_and_keeps_labels_inside():
     low, high = ax.get_ylim()
     assert high > 0.9 + 0.05 * (0.9 - 0.5)  # room above the top point for its label
     ax.figure.clf()
+
+
+class _Branchy(torch.nn.Module):
+    """Data-dependent control flow: torch.export refuses it (ONNX's tracer and the pickle do not)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y.mean((2, 3)) if y.sum() > 0 else -y.mean((2, 3))
+
+
+def test_a_format_that_cannot_be_written_is_skipped_only_when_optional(tmp_path):
+    from evoprune import export
+    from evoprune.errors import ModelError
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(ModelError, match="torch.export"):
+        export(_Branchy().eval(), tmp_path / "strict", x, formats=("pt", "pt2"))
+    with pytest.warns(UserWarning, match="the .pt2 file is not written"):
+        written = export(_Branchy().eval(), tmp_path / "lenient", x, formats=("pt", "pt2"), optional=("pt2",))
+    assert set(written) == {"pt", "card"} and not (tmp_path / "lenient.pt2").exists()
+    card = json.loads(Path(written["card"]).read_text())
+    assert "torch.export" in card["skipped"]["pt2"] and set(card["files"]) == {"pt"}
