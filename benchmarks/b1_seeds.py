@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from evoprune import PruningPlan, PruningSpace, apply_plan, search  # noqa: E402
 from evoprune.data import batches, load_images, normalize  # noqa: E402
-from evoprune.fitness import recalibrate_bn  # noqa: E402
+from evoprune.evolve.fitness import recalibrate_bn  # noqa: E402
 from evoprune.models import MODELS, load_weights  # noqa: E402
 from evoprune.storage import write_json, write_text  # noqa: E402
 from evoprune.train import finetune  # noqa: E402

@@ -8,7 +8,7 @@ the paper's parameter counts, beside the paper's Tables 2, 3 and 5 and a torch-p
     python benchmarks/b2_paper_protocol.py --render                             # tables + plot from the JSONs
 
 Per network and seed it runs two methods, each resumable (kill it and rerun the same command):
-- ``ga``: the prune job (``evoprune.job.run``, as ``examples/*_cifar.py --target-params`` runs it) with a params
+- ``ga``: the prune job (``evoprune.cli.job.run``, as ``examples/*_cifar.py --target-params`` runs it) with a params
   budget falling geometrically from the teacher's count to ``--target-params`` over the 5 rounds. Its files and
   checkpoint are in ``benchmarks/results/b2_<arch>_s<seed>/``.
 - ``l1-uniform``: the control. Each round, torch-pruning's uniform L1 allocation (one width ratio for every layer,
@@ -39,14 +39,15 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from b6_reconstruct import uniform_plan  # noqa: E402  (torch-pruning's uniform L1 allocation)
-from evoprune import PruningSpace, apply_plan, job, reconstruct  # noqa: E402
-from evoprune.bn import recalibrate_bn  # noqa: E402
+from evoprune import PruningSpace, apply_plan, reconstruct
+from evoprune.cli import job  # noqa: E402
+from evoprune.prune.bn import recalibrate_bn  # noqa: E402
 from evoprune.data import load_images, normalize, normalized  # noqa: E402
-from evoprune.export import layer_widths, model_bytes  # noqa: E402
-from evoprune.lsq import calibration_subset  # noqa: E402
+from evoprune.netinfo import layer_widths, model_bytes  # noqa: E402
+from evoprune.prune.lsq import calibration_subset  # noqa: E402
 from evoprune.models import load_weights, resnet18_tv, vgg16_bn_cifar  # noqa: E402
-from evoprune.options import JobOptions  # noqa: E402
-from evoprune.runtime import measure  # noqa: E402
+from evoprune.cli.options import JobOptions  # noqa: E402
+from evoprune.deploy.runtime import measure  # noqa: E402
 from evoprune.storage import torch_save, write_json, write_text  # noqa: E402
 from evoprune.train import evaluate, finetune  # noqa: E402
 

@@ -35,13 +35,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from evoprune import PruningSpace, apply_plan  # noqa: E402
-from evoprune import operators as ops  # noqa: E402
-from evoprune.fitness import Evaluator, FitnessConfig  # noqa: E402
-from evoprune.importance import channel_importance, ranks as to_ranks  # noqa: E402
+from evoprune.evolve import operators as ops  # noqa: E402
+from evoprune.evolve.fitness import Evaluator, FitnessConfig  # noqa: E402
+from evoprune.space.importance import channel_importance, ranks as to_ranks  # noqa: E402
 from evoprune.models import load_weights, vgg16_bn_cifar  # noqa: E402
 from evoprune.evolve import vary  # noqa: E402
 from evoprune.storage import write_json  # noqa: E402
-from evoprune.toolbox import register  # noqa: E402
+from evoprune.evolve.toolbox import register  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 
@@ -95,7 +95,7 @@ def fitness_rates(model, space, imp, x, y, recal, repeat):
 
 
 def uncache(ev):
-    from evoprune import fitness
+    from evoprune.evolve import fitness
     w = fitness._WORKERS.get(ev.token)
     if w is not None:
         w.cache.clear()

@@ -5,7 +5,7 @@
     python benchmarks/b5_latency.py --quick                                 # smoke test, not evidence
 
 Runtime: ONNX Runtime (CPU) at batch 1 with --latency-threads threads (1 by default), every model exported the way
-``evoprune.export`` writes it. Data and splits as in B1s (val-search half for fitness, val-report half for every
+``evoprune.deploy.exporter`` writes it. Data and splits as in B1s (val-search half for fitness, val-report half for every
 top-1). Steps:
 
 1. Latency table of the teacher (``LatencyTable.measure``, widths in multiples of the CPU's channel block): its
@@ -46,8 +46,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from b1_seeds import WEIGHTS, bits, classifier_of, correctness, log, paired_cell, setup  # noqa: E402
 from evoprune import PruningPlan, PruningSpace, apply_plan, search  # noqa: E402
-from evoprune.fitness import FitnessConfig, recalibrate_bn  # noqa: E402
-from evoprune.latency import LatencyTable, kernel_step, measure  # noqa: E402
+from evoprune.evolve.fitness import FitnessConfig, recalibrate_bn  # noqa: E402
+from evoprune.deploy.latency import LatencyTable, kernel_step, measure  # noqa: E402
 from evoprune.storage import write_json, write_text  # noqa: E402
 from evoprune.train import finetune  # noqa: E402
 

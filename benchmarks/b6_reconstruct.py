@@ -45,8 +45,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from b1_seeds import SHARED, bits, correctness, log, paired_cell, setup  # noqa: E402
 from evoprune import FitnessConfig, PruningPlan, PruningSpace, reconstruct, search, slice_plan  # noqa: E402
-from evoprune.fitness import recalibrate_bn  # noqa: E402
-from evoprune.importance import channel_importance  # noqa: E402
+from evoprune.evolve.fitness import recalibrate_bn  # noqa: E402
+from evoprune.space.importance import channel_importance  # noqa: E402
 from evoprune.storage import write_json, write_text  # noqa: E402
 from evoprune.train import finetune  # noqa: E402
 
@@ -167,8 +167,8 @@ def fidelity(teacher, space, x, sx, sy, recal_x, report_set, frac, n) -> dict:
         log(f"fidelity plan {len(rows)}/{len(plans)}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
                                                                    if isinstance(v, float)))
     t0 = time.perf_counter()
-    from evoprune.grams import TeacherGrams
-    from evoprune.lsq import calibration_subset
+    from evoprune.prune.grams import TeacherGrams
+    from evoprune.prune.lsq import calibration_subset
     TeacherGrams.collect(teacher, space, calibration_subset(recal_x, 1024))
     collect_s = time.perf_counter() - t0
     for e in ev.values():

@@ -23,7 +23,7 @@ evaluations):
   random      random search (method="random"); curve points are prefixes of one run
   init        the GA's initial population alone (method="init"); prefixes likewise
   knapsack    widths by dynamic programming over the cost table, values from L1 importance (one evaluation;
-              evoprune.knapsack's defaults, chosen on val-choose)
+              evoprune.evolve.knapsack's defaults, chosen on val-choose)
   l1-uniform  torch-pruning's uniform L1 allocation as a plan (one width ratio, bisected to the budget; at a
               latency budget with round_to = the channel block, torch-pruning's way to stay on fast kernels)
   l1-global   torch-pruning's global L1 allocation as a plan (scores / group mean, one threshold)
@@ -53,10 +53,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from b1_seeds import bits, bootstrap_diff, correctness, log, setup, unbits  # noqa: E402
 from b6_reconstruct import uniform_plan  # noqa: E402
 from evoprune import PruningPlan, Search, reconstruct, slice_plan  # noqa: E402
-from evoprune.bn import recalibrate_bn  # noqa: E402
+from evoprune.prune.bn import recalibrate_bn  # noqa: E402
 from evoprune.data import normalize  # noqa: E402
-from evoprune.importance import channel_importance  # noqa: E402
-from evoprune.round import final_choice  # noqa: E402
+from evoprune.space.importance import channel_importance  # noqa: E402
+from evoprune.evolve.round import final_choice  # noqa: E402
 from evoprune.storage import write_json, write_text  # noqa: E402
 from evoprune.train import finetune  # noqa: E402
 
@@ -202,8 +202,8 @@ def plan_method(args, ctx, method, seed, budget_kw) -> Curve:
     from evoprune import PruningSpace
     t0 = time.perf_counter()
     if budget_kw.get("target_kind") == "latency":  # with round_to = the channel block, as the search snaps
-        from evoprune.latency import LatencyTable
-        from evoprune.runtime import kernel_step
+        from evoprune.deploy.latency import LatencyTable
+        from evoprune.deploy.runtime import kernel_step
         space = PruningSpace.from_model(ctx.teacher, ctx.x, round_to=kernel_step())
         table = LatencyTable.measure(ctx.teacher, space, ctx.x, runtime="onnxruntime", batch=1, threads=1)
         plan = snapped_uniform_plan(ctx.teacher, space, ctx.x, budget_kw["target"], table.predict, kernel_step())

@@ -1,31 +1,31 @@
 """evoprune: evolve which neurons and connections of a trained network to keep, then remove the rest for real.
 
-model -> :class:`PruningSpace` (what can be pruned: :mod:`~evoprune.discover`, :mod:`~evoprune.cost`) -> individuals
-(:mod:`~evoprune.genome`: neuron + connection chromosomes) -> DEAP operators (:mod:`~evoprune.operators`) ->
-:func:`register` (the DEAP toolbox) -> :class:`Evaluator` (fitness) -> :func:`search` (:class:`Search`'s steps) ->
-:func:`apply_plan` (torch-pruning surgery) -> :func:`reconstruct` (the closed-form layer refit) -> :func:`export`.
-:mod:`evoprune.latency` (on :mod:`evoprune.runtime`) measures and predicts latency on the deployment runtime, for
-``target_kind="latency"``.
+The sub-packages are the pipeline, in order, each importing only the ones before it:
+
+* :mod:`evoprune.space`: model -> :class:`PruningSpace` (what can be pruned, what it costs) -> :class:`PruningPlan`
+  and the chromosome :class:`Layout` (neuron + connection chromosomes);
+* :mod:`evoprune.prune`: :func:`apply_plan` (torch-pruning surgery), :func:`slice_plan`, :func:`reconstruct` (the
+  closed-form layer refit), :func:`recalibrate_bn`;
+* :mod:`evoprune.deploy`: :func:`export`, the runtimes and the :class:`LatencyTable`;
+* :mod:`evoprune.evolve`: the DEAP operators, :func:`register` (the DEAP toolbox), :class:`Evaluator` (fitness),
+  :func:`search` (:class:`Search`'s steps) and the engines (:func:`make_map`);
+* :mod:`evoprune.cli`: the ``evoprune`` command, on top of all of it.
+
+Beside them: :mod:`evoprune.data` (image folders and tensors), :mod:`evoprune.models`, :mod:`evoprune.train`,
+:mod:`evoprune.netinfo` (facts and checks of a model), :mod:`evoprune.storage` (atomic files),
+:mod:`evoprune.progress` and :mod:`evoprune.errors`. This module is the small public face.
 """
+from . import _moved
 from ._version import __version__
-from .bn import recalibrate_bn
-from .engines import make_map, opened
+from .deploy import LatencyTable, LatencyWarning, export, model_card
 from .errors import (CheckpointError, ConfigError, DataError, EngineError, EvaluationError, EvoPruneError, ModelError,
                      PlanError, UntraceableWarning)
-from .evolve import Search, SearchConfig, SearchResult, search, vary
-from .export import export, model_card
-from .fitness import Evaluator, FitnessConfig
-from .genome import Layout
-from .plan import PruningPlan
-from .grams import TeacherGrams
-from .importance import channel_importance
-from .latency import LatencyTable
-from .refit import ReconstructionWarning, reconstruct
-from .runtime import LatencyWarning
-from .space import ChannelGroup, ConnectionUnit, PruningSpace
-from .slicing import slice_plan
-from .surgery import apply_plan, masked
-from .toolbox import register
+from .evolve import (Evaluator, FitnessConfig, Search, SearchConfig, SearchResult, make_map, opened, register, search,
+                     vary)
+from .prune import ReconstructionWarning, TeacherGrams, apply_plan, masked, recalibrate_bn, reconstruct, slice_plan
+from .space import ChannelGroup, ConnectionUnit, Layout, PruningPlan, PruningSpace, channel_importance
+
+_moved.install()
 
 __all__ = [
     "__version__", "EvoPruneError", "PlanError", "ConfigError", "DataError", "ModelError", "CheckpointError",
@@ -38,10 +38,13 @@ __all__ = [
 
 
 def __getattr__(name):
-    if name == "Round":  # one round's working state: internal to Search (evoprune.round), no longer public here
+    moved = _moved.stand_in(name)  # from evoprune import toolbox: the 0.1 layout, deprecated
+    if moved is not None:
+        return moved
+    if name == "Round":  # one round's working state: internal to Search (evoprune.evolve.round), no longer public here
         import warnings
-        warnings.warn("evoprune.Round is internal and leaves the public API; import it from evoprune.round",
+        warnings.warn("evoprune.Round is internal and leaves the public API; import it from evoprune.evolve.round",
                       DeprecationWarning, stacklevel=2)
-        from .round import Round
+        from .evolve.round import Round
         return Round
     raise AttributeError(f"module 'evoprune' has no attribute {name!r}")

@@ -1,11 +1,11 @@
-"""``python -m evoprune``: the :mod:`evoprune.cli` command line.
+"""``python -m evoprune``: the :mod:`evoprune.cli.commands` command line.
 
 Written with an absolute import so that the file also runs as a script, e.g. with the fitness on SCOOP workers:
 ``python -m scoop -n 4 path/to/evoprune/__main__.py prune ...``.
 """
 import sys
 
-from evoprune.cli import main
+from evoprune.cli.commands import main
 
 if __name__ == "__main__":
     code = main()

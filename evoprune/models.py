@@ -1,5 +1,5 @@
-"""Models: the CIFAR-sized CNNs (VGG-BN, ResNet-18, a tiny test network), strict weight loading, and the checks
-every model passes before evoprune uses it (:func:`check_finite`, :func:`check_forward`).
+"""Models: the CIFAR-sized CNNs (VGG-BN, ResNet-18, a tiny test network) and strict weight loading (the checks every
+model passes before evoprune uses it are in :mod:`evoprune.netinfo`).
 
 Every builder returns a freshly initialised ``nn.Module`` whose layout matches the checkpoints evoprune ships with
 (``vgg16_bn_cifar`` loads ``shared/models/vgg16_bn_cifar10.pt`` with ``strict=True``). Models take RGB images scaled
@@ -207,36 +207,3 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, hint: str = DEFAU
     then, ends that message).
     """
     return fit_weights(model, load_state_dict(path), path, hint=hint)
-
-
-def check_finite(model: nn.Module) -> None:
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise ModelError(f"{name} contains NaN or inf: the model cannot be scored or pruned meaningfully")
-
-
-def check_forward(model: nn.Module, x: torch.Tensor, hint: str = "") -> torch.Tensor:
-    """``model(x)`` without gradients, or a :class:`ModelError` that says the inputs do not fit (plus ``hint``)."""
-    try:
-        with torch.no_grad():
-            out = model(x)
-    except Exception as exc:
-        raise ModelError(f"{type(model).__name__} cannot run on inputs of shape {tuple(x.shape)}: "
-                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}{hint}") from None
-    if not isinstance(out, torch.Tensor):
-        raise ModelError(f"{type(model).__name__} returns {type(out).__name__}; evoprune needs a model whose "
-                         "forward returns one tensor (wrap it to select the logits)")
-    return out
-
-
-def output_classes(model: nn.Module, example_inputs: torch.Tensor, labels=None) -> int:
-    """Classes of the task: the model's output width (the largest label + 1 as a fallback)."""
-    was_training = model.training
-    try:
-        with torch.no_grad():
-            out = model.eval()(example_inputs)
-    finally:
-        model.train(was_training)
-    if isinstance(out, torch.Tensor) and out.dim() == 2:
-        return int(out.shape[1])
-    return int(torch.as_tensor(labels).max()) + 1

@@ -1,15 +1,15 @@
 """Shared by the CIFAR-10 examples: the flags and the job of ``evoprune prune --arch`` (the parser of
-:mod:`evoprune.cli_parser`, the job of :func:`evoprune.job.prune_job`), and turning evoprune errors into one
-``error:`` line and an exit code (:func:`evoprune.cli.guarded`)."""
+:mod:`evoprune.cli.parser`, the job of :func:`evoprune.cli.job.prune_job`), and turning evoprune errors into one
+``error:`` line and an exit code (:func:`evoprune.cli.commands.guarded`)."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 
-from evoprune.cli import guarded
-from evoprune.cli_parser import HelpFormatter, Parser, add_prune_arguments
-from evoprune.job import prune_job
+from evoprune.cli.commands import guarded
+from evoprune.cli.parser import HelpFormatter, Parser, add_prune_arguments
+from evoprune.cli.job import prune_job
 
 
 def parser(description: str, default_weights: str | None) -> argparse.ArgumentParser:

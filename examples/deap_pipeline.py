@@ -17,15 +17,15 @@ import torch
 from deap import algorithms, base, tools
 
 import evoprune
-import evoprune.toolbox
+import evoprune.evolve.toolbox
 from evoprune.data import normalize, synthetic
-from evoprune.importance import channel_importance
+from evoprune.space.importance import channel_importance
 from evoprune.models import tiny_cnn
 from evoprune.train import evaluate, train
 
 # SCOOP workers import this file (not as __main__) and unpickle individuals of these DEAP creator types: create
 # them at import time, in every process.
-evoprune.toolbox.creator_types()
+evoprune.evolve.toolbox.creator_types()
 
 
 def parse_args(argv=None):
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     plan = space.decode(best)
     # structural distillation: refit every changed layer to the unpruned model's outputs (closed form, no labels)
     pruned = evoprune.reconstruct(model, evoprune.apply_plan(model, plan, example, space=space), plan, space, recal_x)
-    written = evoprune.export(pruned, Path(args.out) / "best", example, plan=plan)
+    written = evoprune.deploy.exporter(pruned, Path(args.out) / "best", example, plan=plan)
     evaluator.release()
     print(f"\nbest plan: score {best.fitness.values[0]:.4f}, {best.fitness.values[1] / 1e6:.3f} MMACs; "
           f"top-1 on the report half of val after pruning {evaluate(pruned, report_set):.4f} (no fine-tuning)")

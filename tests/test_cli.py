@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from evoprune import cli, cli_parser, options, sources
+from evoprune.cli import main as cli, parser as cli_parser, options, sources
 from evoprune import SearchConfig
-from evoprune.cli import main
+from evoprune.cli.commands import main
 from evoprune.models import load_weights, tiny_cnn
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Engines behind ``toolbox.map`` (evoprune.engines): the same search gives the same plans and scores under every
+"""Engines behind ``toolbox.map`` (evoprune.evolve.engines): the same search gives the same plans and scores under every
 engine; Dask survives a worker killed mid-generation, reports fitness errors with the plan and the worker's
 traceback, refuses a worker of another version and an unreachable scheduler; bad engine settings fail before any
 work."""
@@ -17,15 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from evoprune import checkpoint as ckpt
-from evoprune import engines
+from evoprune.evolve import checkpoint as ckpt
+from evoprune.evolve import engines
 from evoprune.data import normalize, synthetic
-from evoprune.engines import DaskMap, ProcessMap, make_map
+from evoprune.evolve.engines import DaskMap, ProcessMap, make_map
 from evoprune.errors import ConfigError, EngineError, EvaluationError
 from evoprune.evolve import search
-from evoprune.fitness import Evaluator, FitnessConfig
+from evoprune.evolve.fitness import Evaluator, FitnessConfig
 from evoprune.models import tiny_cnn
-from evoprune.space import PruningSpace
+from evoprune.space.pruning_space import PruningSpace
 from evoprune.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,7 +138,7 @@ def test_a_process_pool_receives_each_round_state_once(tiny):
 # ------------------------------------------------------------------------------------------ Dask
 def _slow_scoring(seconds):
     """Run in Dask workers: make every fitness call take ``seconds`` longer (to kill a worker mid-map)."""
-    from evoprune import fitness
+    from evoprune.evolve import fitness
     score = fitness._Worker._score_plan
     if getattr(score, "slowed", False):
         return
@@ -150,7 +150,7 @@ def _slow_scoring(seconds):
 
 
 def _failing_scoring():
-    from evoprune import fitness
+    from evoprune.evolve import fitness
     def fail(self, plan, macs, data):
         raise RuntimeError("injected worker failure")
     fitness._Worker._score_plan = fail

@@ -11,12 +11,12 @@ import pytest
 from deap import base
 
 from evoprune import ConfigError, PruningSpace, search
-from evoprune import knapsack
-from evoprune import operators as ops
+from evoprune.evolve import knapsack
+from evoprune.evolve import operators as ops
 from evoprune.data import normalize
-from evoprune.fitness import Evaluator, FitnessConfig
-from evoprune.population import diversity, fresh
-from evoprune.toolbox import register
+from evoprune.evolve.fitness import Evaluator, FitnessConfig
+from evoprune.evolve.population import diversity, fresh
+from evoprune.evolve.toolbox import register
 from evoprune.train import evaluate
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -82,7 +82,7 @@ def test_paper_operators_stay_selectable():
 
 # ------------------------------------------------------------------------------------------------ population health
 def test_diversity_of_identical_and_complementary_genomes():
-    from evoprune.genome import Layout
+    from evoprune.space.genome import Layout
     layout = Layout(("a", "b"), (3, 2), ("u",))
     same = [[1, 0, 1, 1, 0, 1]] * 4
     assert diversity(same, layout) == {"hamming": 0.0, "distinct": 1}

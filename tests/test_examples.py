@@ -112,7 +112,7 @@ def test_the_documented_paper_protocol_parses_and_ends_at_the_papers_params(scri
     import ast
     import shlex
     from evoprune import models
-    from evoprune.options import options_from_args
+    from evoprune.cli.options import options_from_args
     sys.path.insert(0, str(EXAMPLES))
     import _common
     doc = ast.get_docstring(ast.parse((EXAMPLES / script).read_text()))

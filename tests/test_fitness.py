@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from evoprune import ConfigError, ModelError, PlanError, PruningSpace
-from evoprune import fitness as fit
+from evoprune.evolve import fitness as fit
 from evoprune.data import normalize
 from evoprune.errors import EvaluationError
-from evoprune.fitness import Evaluator, FitnessConfig
-from evoprune.importance import channel_importance
+from evoprune.evolve.fitness import Evaluator, FitnessConfig
+from evoprune.space.importance import channel_importance
 
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -107,8 +107,8 @@ def test_nan_loss_fails_fast_or_scores_worst_by_policy(setup, monkeypatch):
 @pytest.mark.parametrize("metric", ["top1", "loss"])
 def test_a_failed_plan_scores_below_every_real_plan_and_never_wins_a_selection(setup, monkeypatch, metric):
     """Under metric="loss" real scores are minus a loss (about -2.3 at chance): the worst score must still lose."""
-    from evoprune import operators as ops
-    from evoprune.toolbox import creator_types
+    from evoprune.evolve import operators as ops
+    from evoprune.evolve.toolbox import creator_types
     model, space, imp, x, y, recal = setup
     cfg = FitnessConfig(metric=metric, on_error="worst")
     ev = Evaluator(model, space, x, y, recal, cfg)

@@ -14,11 +14,11 @@ import torch.nn as nn
 from deap import base
 
 from evoprune import ConfigError, PruningPlan, PruningSpace, apply_plan
-from evoprune import latency as lat
+from evoprune.deploy import latency as lat
 from evoprune.evolve import search
-from evoprune.fitness import Evaluator
-from evoprune.latency import LatencyTable, LatencyWarning, measure, time_call
-from evoprune.toolbox import register
+from evoprune.evolve.fitness import Evaluator
+from evoprune.deploy.latency import LatencyTable, LatencyWarning, measure, time_call
+from evoprune.evolve.toolbox import register
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 ORT = pytest.param("onnxruntime", marks=pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None,
@@ -138,7 +138,7 @@ def test_unstable_timings_get_more_repeats_and_a_warning():
 
 def test_a_budget_below_the_smallest_plan_is_refused_before_any_search(monkeypatch, table, tmp_path):
     model, space, tab = table
-    import evoprune.evolve as evolve
+    import evoprune.evolve.loop as evolve
     calls = []
     monkeypatch.setattr(evolve, "register", lambda *a, **k: calls.append(1))
     x, y = torch.randn(20, 3, 32, 32), torch.randint(0, 10, (20,))
@@ -150,7 +150,7 @@ def test_a_budget_below_the_smallest_plan_is_refused_before_any_search(monkeypat
 
 
 def _no_recal():
-    from evoprune.fitness import FitnessConfig
+    from evoprune.evolve.fitness import FitnessConfig
     return FitnessConfig(bn_recalibration=False)
 
 
@@ -185,7 +185,7 @@ def test_search_with_a_latency_target_meets_it_and_reports_measured_latency(trai
     assert all(0 < rec["best_mmacs"] <= res.baseline["macs"] / 1e6 for rec in res.logbook)
     # every evaluated cost is a predicted latency in ms, not a MAC count
     assert all(0 < c < 10 * res.baseline["latency_ms"] for s, c in res.evaluated[0])
-    from evoprune.report import pareto_axes
+    from evoprune.evolve.report import pareto_axes
     ax = pareto_axes(res)
     assert ax.get_xlabel().startswith("predicted latency (ms")
     xs = [x for coll in ax.collections for x, _ in coll.get_offsets()]
@@ -230,7 +230,7 @@ def test_knapsack_and_level_switch_work_in_predicted_milliseconds(table):
 # ------------------------------------------------------------------------------------------------ command line
 
 def test_prune_with_a_latency_target_from_the_command_line(imagefolder, tmp_path, capsys, monkeypatch):
-    from evoprune.cli import main
+    from evoprune.cli.commands import main
     monkeypatch.setenv("EVOPRUNE_CACHE", str(tmp_path / "cache"))
     argv = ["prune", "--arch", "tiny", "--data", str(imagefolder), "--out", str(tmp_path / "run"),
             "--baseline-epochs", "1", "--score-samples", "20", "--population", "4", "--elites", "2",
@@ -265,7 +265,7 @@ def test_prune_with_a_latency_target_from_the_command_line(imagefolder, tmp_path
     (["--target-latency-ms", "1", "--threads", "0"], "--threads must be an int >= 1"),
 ])
 def test_bad_latency_flags_exit_2_naming_the_flag(imagefolder, tmp_path, capsys, monkeypatch, extra, message):
-    from evoprune.cli import main
+    from evoprune.cli.commands import main
     monkeypatch.setenv("EVOPRUNE_CACHE", str(tmp_path / "cache"))
     code = main(["prune", "--arch", "tiny", "--data", str(imagefolder), "--out", str(tmp_path / "run"),
                  "--baseline-epochs", "1", *extra])

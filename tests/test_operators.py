@@ -10,12 +10,12 @@ import torch.nn as nn
 from deap import base, tools
 
 from evoprune import ConfigError, PruningSpace
-from evoprune import operators as ops
+from evoprune.evolve import operators as ops
 from evoprune.errors import check_probability
-from evoprune.genome import Layout
-from evoprune.importance import channel_importance, ranks as to_ranks
+from evoprune.space.genome import Layout
+from evoprune.space.importance import channel_importance, ranks as to_ranks
 from evoprune.evolve import vary
-from evoprune.toolbox import creator_types, register
+from evoprune.evolve.toolbox import creator_types, register
 
 
 def small_model():

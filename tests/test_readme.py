@@ -76,7 +76,7 @@ def run_command(cmd: str, cwd: Path, timeout: int = 900) -> subprocess.Completed
 
 def parse_command(cmd: str) -> None:
     """Parse a command with the real parser and settings checks, without running it."""
-    from evoprune import job
+    from evoprune.cli import job
     argv = shlex.split(cmd)
     if argv[:3] == ["python", "-m", "scoop"]:
         argv = argv[3:]

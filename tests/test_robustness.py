@@ -14,11 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from evoprune import CheckpointError, ConfigError, PruningSpace
-from evoprune import operators as ops
-from evoprune.fitness import FitnessConfig
+from evoprune.evolve import operators as ops
+from evoprune.evolve.fitness import FitnessConfig
 from evoprune.evolve import SearchConfig
 from evoprune.storage import atomic_write, load_module, load_state_dict, torch_save, write_json
-from evoprune.toolbox import register
+from evoprune.evolve.toolbox import register
 
 FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
@@ -42,7 +42,7 @@ def test_a_malicious_pickle_is_refused_and_never_runs(tmp_path):
     with pytest.raises(CheckpointError, match="trust"):
         load_module(evil)
     assert not marker.exists()
-    from evoprune import checkpoint as ckpt
+    from evoprune.evolve import checkpoint as ckpt
     os.replace(evil, tmp_path / ckpt.FILENAME)
     with pytest.raises(CheckpointError):
         ckpt.load(tmp_path, fingerprint="x", settings={})

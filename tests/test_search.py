@@ -17,14 +17,14 @@ import torch
 from deap import algorithms, base, tools
 
 from evoprune import CheckpointError, ConfigError, PruningSpace
-from evoprune import checkpoint as ckpt
-from evoprune import operators as ops
+from evoprune.evolve import checkpoint as ckpt
+from evoprune.evolve import operators as ops
 from evoprune.data import normalize
-from evoprune.fitness import Evaluator
-from evoprune.importance import ranks as to_ranks
+from evoprune.evolve.fitness import Evaluator
+from evoprune.space.importance import ranks as to_ranks
 from evoprune.evolve import search
-from evoprune.engines import default_map
-from evoprune.toolbox import creator_types, register
+from evoprune.evolve.engines import default_map
+from evoprune.evolve.toolbox import creator_types, register
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "tests" / "jobs" / "tiny_search.py"
@@ -107,7 +107,7 @@ def test_bad_settings_are_refused_before_any_work(bad, match, monkeypatch):
 
 
 def test_a_child_crossed_then_mutated_is_repaired_once(trained, monkeypatch):
-    from evoprune import operators as ops
+    from evoprune.evolve import operators as ops
     model, x, y, recal, _ = trained
     space = PruningSpace.from_model(model, x[:1])
     toolbox = register(base.Toolbox(), space, lambda ind: (0.0, 0.0), macs_budget=0.5 * space.base_macs, seed=0)
@@ -167,7 +167,7 @@ def test_resume_after_a_finished_round_keeps_non_default_space_options(trained, 
 def test_logbook_hypervolume_and_scores_under_the_loss_metric(trained):
     """Scores are minus a loss under metric="loss"; the hypervolume is measured from the chance-level loss, so it
     is positive whenever a plan beats chance (it was always 0)."""
-    from evoprune.fitness import FitnessConfig
+    from evoprune.evolve.fitness import FitnessConfig
     model, x, y, recal, _ = trained
     result = search(model, x[:1], x[:200], y[:200], recal_x=recal[:2], rounds=1, generations=1, population=6,
                     elites=2, target=0.5, seed=0, fitness=FitnessConfig(metric="loss"), verbose=False,
@@ -179,8 +179,8 @@ def test_logbook_hypervolume_and_scores_under_the_loss_metric(trained):
 
 
 def test_hypervolume_is_measured_from_the_metric_reference_point():
-    from evoprune.evolve import hypervolume
-    from evoprune.fitness import WORST_SCORE, reference_score
+    from evoprune.evolve.loop import hypervolume
+    from evoprune.evolve.fitness import WORST_SCORE, reference_score
     _, ind_cls = creator_types()
 
     def ind(score, macs):
@@ -256,7 +256,7 @@ def test_register_and_search_share_their_defaults():
     """One default per setting: objective 'budget' and 4 generations, in register, search and the jobs."""
     import inspect
     from evoprune.evolve import SearchConfig
-    from evoprune.job import JobOptions
+    from evoprune.cli.job import JobOptions
     assert inspect.signature(register).parameters["objective"].default == SearchConfig.objective == "budget"
     assert JobOptions().generations == SearchConfig().generations
     assert JobOptions().objective == SearchConfig().objective
@@ -391,14 +391,18 @@ def test_the_public_face_has_what_the_readme_and_examples_use():
     """What users reach for is importable from ``evoprune`` itself and is the same object as in its module;
     ``Round`` (a round's internal state) left the public face with a DeprecationWarning."""
     import evoprune
-    from evoprune import bn, engines, errors, importance, latency, runtime
+    from evoprune.prune import bn
+    from evoprune.evolve import engines
+    from evoprune import errors
+    from evoprune.space import importance
+    from evoprune.deploy import latency, runtime
     assert (evoprune.EngineError, evoprune.LatencyWarning, evoprune.LatencyTable, evoprune.channel_importance,
             evoprune.recalibrate_bn, evoprune.make_map, evoprune.opened) == (
         errors.EngineError, runtime.LatencyWarning, latency.LatencyTable, importance.channel_importance,
         bn.recalibrate_bn, engines.make_map, engines.opened)
     assert set(evoprune.__all__) <= set(dir(evoprune)) and "Round" not in evoprune.__all__
-    with pytest.warns(DeprecationWarning, match="evoprune.round"):
-        from evoprune.round import Round
+    with pytest.warns(DeprecationWarning, match="evoprune.evolve.round"):
+        from evoprune.evolve.round import Round
         assert evoprune.Round is Round
     with pytest.raises(AttributeError):
         evoprune.NoSuchThing

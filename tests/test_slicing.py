@@ -9,12 +9,12 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-import evoprune.slicing
-import evoprune.trace
+import evoprune.prune.slicing
+import evoprune.space.graph
 import test_space as ts
 from evoprune import ModelError, PlanError, PruningPlan, PruningSpace, apply_plan
-from evoprune.slicing import slice_plan, structure_copy
-from evoprune.surgery import _structure_copy
+from evoprune.prune.slicing import slice_plan, structure_copy
+from evoprune.prune.surgery import _structure_copy
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -132,8 +132,8 @@ def test_slice_neither_traces_nor_runs_the_model(vgg, random_individual, monkeyp
         raise AssertionError("slice_plan built a DependencyGraph")
 
     monkeypatch.setattr(tp.DependencyGraph, "build_dependency", refuse)
-    monkeypatch.setattr(evoprune.trace, "build", refuse)
-    monkeypatch.setattr(evoprune.slicing, "apply_plan", refuse)
+    monkeypatch.setattr(evoprune.space.graph, "build", refuse)
+    monkeypatch.setattr(evoprune.prune.slicing, "apply_plan", refuse)
     calls = []
     handle = vgg.model.register_forward_pre_hook(lambda m, args: calls.append(1))  # copied into the result too
     try:
@@ -240,7 +240,7 @@ def test_unsupported_module_falls_back_to_apply_plan(kind, randomize_bn, state_g
         calls.append(args)
         return apply_plan(*args, **kwargs)
 
-    monkeypatch.setattr(evoprune.slicing, "apply_plan", spy)
+    monkeypatch.setattr(evoprune.prune.slicing, "apply_plan", spy)
     got = _check(b, plan, state_guard)  # the default falls back, and says nothing
     assert len(calls) == 1 and tuple(calls[0][2].shape) == tuple(x.shape)
     assert got[3].in_channels == 4

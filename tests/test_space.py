@@ -21,7 +21,8 @@ import torch_pruning as tp
 import torchvision
 
 import evoprune
-from evoprune import ConfigError, ModelError, PlanError, PruningPlan, PruningSpace, apply_plan, export, masked
+from evoprune import ConfigError, ModelError, PlanError, PruningPlan, PruningSpace, apply_plan, masked
+from evoprune.deploy import export
 from evoprune.errors import UntraceableWarning
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -428,7 +429,7 @@ def test_shufflenet_untraceable_parts_are_left_out_with_one_warning():
 def test_untraceable_build_restores_torch_pruning():
     from torch_pruning.dependency import index_mapping
 
-    from evoprune import trace
+    from evoprune.space import graph as trace
     before = {n: getattr(index_mapping, n) for n in dir(index_mapping) if n.startswith("update_")}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UntraceableWarning)

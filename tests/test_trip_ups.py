@@ -12,13 +12,14 @@ import pytest
 import torch
 from deap import tools
 
-from evoprune import SearchResult, job, progress, resume
-from evoprune.cli import main
+from evoprune import SearchResult, progress
+from evoprune.cli import job, resume
+from evoprune.cli.commands import main
 from evoprune.data import synthetic
 from evoprune.errors import ConfigError
 from evoprune.models import tiny_cnn
-from evoprune.options import JobOptions
-from evoprune.report import markdown, pareto_axes
+from evoprune.cli.options import JobOptions
+from evoprune.evolve.report import markdown, pareto_axes
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 MISSING_DATA = "no/such/data/folder"  # a --data that fails to load: an error about anything else came first
@@ -87,8 +88,8 @@ def test_elites_equal_to_population_is_fine_with_explicit_offspring():
 
 
 def test_target_params_sets_a_params_budget(tmp_path):
-    from evoprune.cli_parser import build_parser
-    from evoprune.options import options_from_args
+    from evoprune.cli.parser import build_parser
+    from evoprune.cli.options import options_from_args
     args = build_parser().parse_args(["prune", "--arch", "tiny", "--out", str(tmp_path), "--target-params", "0.4"])
     opts = options_from_args(args)
     assert (opts.target, opts.target_kind) == (0.4, "params")
@@ -225,7 +226,7 @@ class _Branchy(torch.nn.Module):
 
 
 def test_a_format_that_cannot_be_written_is_skipped_only_when_optional(tmp_path):
-    from evoprune import export
+    from evoprune.deploy import export
     from evoprune.errors import ModelError
     x = torch.randn(1, 3, 8, 8)
     with pytest.raises(ModelError, match="torch.export"):

@@ -16,9 +16,10 @@ import pytest
 import torch
 from deap import tools
 
-from evoprune import job, options, report, resume, sources
-from evoprune.demo import demo_options
-from evoprune.cli import main
+from evoprune.cli import job, options, resume, sources
+from evoprune.evolve import report
+from evoprune.cli.demo import demo_options
+from evoprune.cli.commands import main
 from evoprune.errors import ConfigError
 from evoprune.evolve import SearchResult
 

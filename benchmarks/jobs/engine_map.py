@@ -20,11 +20,12 @@ from pathlib import Path
 
 import torch
 
-from evoprune import PruningSpace, operators as ops
-from evoprune.engines import default_map, opened
-from evoprune.fitness import Evaluator, FitnessConfig
+from evoprune import PruningSpace
+from evoprune.evolve import operators as ops
+from evoprune.evolve.engines import default_map, opened
+from evoprune.evolve.fitness import Evaluator, FitnessConfig
 from evoprune.models import load_weights, tiny_cnn, vgg16_bn_cifar
-from evoprune.toolbox import creator_types
+from evoprune.evolve.toolbox import creator_types
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 

@@ -15,11 +15,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from evoprune import PruningSpace, operators as ops  # noqa: E402
-from evoprune.fitness import Evaluator  # noqa: E402
+from evoprune import PruningSpace
+from evoprune.evolve import operators as ops  # noqa: E402
+from evoprune.evolve.fitness import Evaluator  # noqa: E402
 from evoprune.models import vgg16_bn_cifar  # noqa: E402
-from evoprune.engines import default_map  # noqa: E402
-from evoprune.toolbox import creator_types  # noqa: E402
+from evoprune.evolve.engines import default_map  # noqa: E402
+from evoprune.evolve.toolbox import creator_types  # noqa: E402
 
 
 def main():

@@ -21,12 +21,12 @@ from deap import base
 import evoprune
 from evoprune import PruningSpace, apply_plan, masked
 from evoprune.evolve import vary
-from evoprune.fitness import Evaluator, FitnessConfig
-from evoprune.importance import channel_importance
+from evoprune.evolve.fitness import Evaluator, FitnessConfig
+from evoprune.space.importance import channel_importance
 from evoprune.models import load_weights, vgg16_bn_cifar
-from evoprune.toolbox import register
+from evoprune.evolve.toolbox import register
 
-# the direct-slicing surgery the fitness path uses since issue 12; apply_plan before. (Not ``from evoprune.slicing
+# the direct-slicing surgery the fitness path uses since issue 12; apply_plan before. (Not ``from evoprune.prune.slicing
 # import ...``: an editable install's finder would fetch that module from the installed tree into an older one.)
 fitness_surgery = getattr(evoprune, "slice_plan", None)
 

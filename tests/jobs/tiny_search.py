@@ -14,15 +14,15 @@ from pathlib import Path
 import torch
 
 from evoprune.data import normalize, synthetic
-from evoprune.engines import opened
-from evoprune.fitness import FitnessConfig
+from evoprune.evolve.engines import opened
+from evoprune.evolve.fitness import FitnessConfig
 from evoprune.models import tiny_cnn
 from evoprune.evolve import search
 from evoprune.storage import load_state_dict, torch_save, write_json
 from evoprune.train import train
 
 if os.environ.get("TINY_SEARCH_FAIL_AFTER"):  # a test hook: in every process (SCOOP workers too), fitness calls
-    from evoprune import fitness                # fail once that process has made more than N of them
+    from evoprune.evolve import fitness  # fail once that process has made more than N of them
 
     _score_plan, _calls = fitness._Worker._score_plan, [0]
 
