@@ -178,7 +178,8 @@ def main():
     if unknown:
         p.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(ALL_METHODS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"b1_seeds_{args.arch}{'_quick' if args.quick else ''}.json")
+    tag = "_quick" if args.quick else ""
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"b1_seeds_{args.arch}{tag}.json")
 
     t_start = time.perf_counter()
     data, report_set, sx, sy, recal_x, teacher = setup(args)
@@ -273,7 +274,8 @@ def render(results, base: str = "ga") -> str:
                 continue
             methods = list(dict.fromkeys(r["method"] for r in sub))
             lines += [f"### {frac:.0%} MACs, {'BN re-calibration only' if regime == 'calib' else 'after fine-tuning'}",
-                      "", f"| method | seeds | MACs % | params (M) | top-1 (mean ± sd) | {base} minus method [95 % CI] |",
+                      "", "| method | seeds | MACs % | params (M) | top-1 (mean ± sd) "
+                          f"| {base} minus method [95 % CI] |",
                       "|---|---|---|---|---|---|"]
             base_rows = [r for r in sub if r["method"] == base]
             for m in methods:

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from b6_reconstruct import uniform_plan  # noqa: E402  (torch-pruning's uniform L1 allocation)
-from evoprune import PruningSpace, apply_plan, reconstruct
+from evoprune import PruningSpace, apply_plan, reconstruct  # noqa: E402
 from evoprune.cli import job  # noqa: E402
 from evoprune.prune.bn import recalibrate_bn  # noqa: E402
 from evoprune.data import load_images, normalize, normalized  # noqa: E402
@@ -61,8 +61,10 @@ PAPER = {
                                               (3, 0.9, 3.578, 0.8551, 29, 40.8), (4, 0.5, 1.787, 0.8473, 55, 29.5),
                                               (5, 0.3, 1.243, 0.8374, 60, 11.2)],
                  "search_s": [543.81, 491.52, 488.79, 246.66, 219.34]},
-    "resnet18_tv": {"baseline": 0.7223, "rows": [(1, 11.2, 42.707, 0.7223, 5, 1.800), (2, 3.0, 11.529, 0.7213, 26, 1.080),
-                                                 (3, 0.9, 3.591, 0.7223, 30, 0.736), (4, 0.3, 1.218, 0.7234, 33, 0.590),
+    "resnet18_tv": {"baseline": 0.7223, "rows": [(1, 11.2, 42.707, 0.7223, 5, 1.800),
+                                                 (2, 3.0, 11.529, 0.7213, 26, 1.080),
+                                                 (3, 0.9, 3.591, 0.7223, 30, 0.736),
+                                                 (4, 0.3, 1.218, 0.7234, 33, 0.590),
                                                  (5, 0.1, 0.460, 0.6558, 33, 0.502)],
                     "search_s": [367.83, 332.46, 330.61, 166.83, 148.36]},
 }
@@ -231,9 +233,9 @@ def render(archs=("resnet18_tv", "vgg16_bn")) -> str:
                           f"{100 * (base['top1'] - r['top1']):.2f} | {search} | {p[1]} | {p[3]:.4f} | "
                           f"{ps} |")
             within = [r["round"] for r in run["rows"] if base["top1"] - r["top1"] <= 0.01]
-            md += ["", f"Last round within 1 pp of the teacher: "
-                       f"{('round ' + str(max(within)) + ' (' + format(run['rows'][max(within) - 1]['params'] / 1e6, '.3f') + ' M params)') if within else 'none'}.",
-                   ""]
+            last = (f"round {max(within)} ({run['rows'][max(within) - 1]['params'] / 1e6:.3f} M params)"
+                    if within else "none")
+            md += ["", f"Last round within 1 pp of the teacher: {last}.", ""]
         for key, run in sorted(res["runs"].items()):
             if key.startswith("ga "):
                 md += widths_table(arch, key, run) + [""]

@@ -5,8 +5,8 @@
     python benchmarks/b5_latency.py --quick                                 # smoke test, not evidence
 
 Runtime: ONNX Runtime (CPU) at batch 1 with --latency-threads threads (1 by default), every model exported the way
-``evoprune.deploy.exporter`` writes it. Data and splits as in B1s (val-search half for fitness, val-report half for every
-top-1). Steps:
+``evoprune.deploy.exporter`` writes it. Data and splits as in B1s (val-search half for fitness, val-report half for
+every top-1). Steps:
 
 1. Latency table of the teacher (``LatencyTable.measure``, widths in multiples of the CPU's channel block): its
    build time, and its prediction error against end-to-end measurements of --error-plans random plans (random
@@ -146,7 +146,8 @@ def main():
     if set(methods) - set(METHODS):
         p.error(f"unknown method(s); choose from {', '.join(METHODS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"b5_latency_{args.arch}{'_quick' if args.quick else ''}.json")
+    tag = "_quick" if args.quick else ""
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"b5_latency_{args.arch}{tag}.json")
     lt = args.latency_threads
 
     t_start = time.perf_counter()
@@ -255,7 +256,8 @@ def cross_budget(results, regime: str = "ft") -> str:
     ga = [r for r in rows if r["budget"] == "b" and r["method"] == "ga-latency"]
     if not ga:
         return ""
-    lines = [f"### ga-latency at budget b against the others at budget a ({'after fine-tuning' if regime == 'ft' else 'calib'})",
+    when = "after fine-tuning" if regime == "ft" else "calib"
+    lines = [f"### ga-latency at budget b against the others at budget a ({when})",
              "", "| method at budget a | its ms / ga-latency's ms | ga-latency (b) minus method (a) [95 % CI] |",
              "|---|---|---|"]
     ga_ms = statistics.mean(r["ms"] for r in ga)

@@ -68,7 +68,8 @@ def b3(res):
     for k in ("vary_per_child", "repair_to_budget", "decode", "analytic_cost", "surgery_apply_plan",
               "bare_forward_pruned"):
         lines.append(f"| {k} | {1e3 * o[k]['median']:.2f} ({1e3 * o[k]['min']:.2f}-{1e3 * o[k]['max']:.2f}) |")
-    lines += ["", f"GA overhead per evaluation / bare forward: masked path {100 * o['ga_overhead_fraction_masked']:.1f} "
+    masked_pct = 100 * o["ga_overhead_fraction_masked"]
+    lines += ["", f"GA overhead per evaluation / bare forward: masked path {masked_pct:.1f} "
               f"%, physical path (with surgery) {100 * o['ga_overhead_fraction_physical']:.1f} %.", "",
               "| keep | MACs ratio | batch | eager ms | TorchScript ms | ONNX Runtime ms | eager speed-up |",
               "|---|---|---|---|---|---|---|"]
@@ -76,7 +77,8 @@ def b3(res):
     for r in res["latency"]:
         ort = f"{1e3 * r['onnxruntime']['median']:.2f}" if "onnxruntime" in r else "-"
         lines.append(f"| {r['keep']} | {r['macs_ratio']:.2f} | {r['batch']} | {1e3 * r['eager']['median']:.2f} | "
-                     f"{1e3 * r['torchscript']['median']:.2f} | {ort} | x{base[r['batch']] / r['eager']['median']:.2f} |")
+                     f"{1e3 * r['torchscript']['median']:.2f} | {ort} | "
+                     f"x{base[r['batch']] / r['eager']['median']:.2f} |")
     s = res["scoop"]
     lines += ["", f"SCOOP (tiny search job, whole-job wall time, median of {s['serial_1_process']['n']}): serial "
               f"{s['serial_1_process']['median']:.1f} s, `-n 2` {s['scoop_2_workers']['median']:.1f} s, speed-up "

@@ -11,8 +11,8 @@ it (BENCHMARKS.md, B2)::
         --weights ../shared/models/vgg16_bn_cifar10.pt --out runs/vgg16 --rounds 5 --population 30 --elites 5 \
         --p-c 0.6 --p-mut 0.6 --generations 4 --target-params 0.02037 --finetune-epochs 1
 
-(0.02037 = 0.3 M / 14.72 M: ``--target-params`` is a fraction of the teacher's parameters, like
-``--target-macs`` of its MACs.) Without ``python -m scoop`` it runs serially. Without ``--weights`` it trains (and caches) a baseline first.
+(0.02037 = 0.3 M / 14.72 M: ``--target-params`` is a fraction of the teacher's parameters, like ``--target-macs`` of its
+MACs.) Without ``python -m scoop`` it runs serially. Without ``--weights`` it trains (and caches) a baseline first.
 Writes round{k}.pt / .pt2 / .onnx / .json, report.md, report.json, pareto.png and logbook.csv into --out.
 
 For a latency target on the deployment runtime instead of a MACs fraction: ``--target-latency-ms MS`` (ONNX Runtime

@@ -69,7 +69,7 @@ def _write_imagefolder(root, n_train: int, n_val: int, *, classes: int, size: in
 
 
 def _trained_tiny(n_train: int, n_val: int, *, data_seed: int, epochs: int):
-    """A ``tiny_cnn`` trained (seed 0) on generated, separable-but-noisy data; returns ``(model in eval mode, data)``."""
+    """A ``tiny_cnn`` trained (seed 0) on generated, separable-but-noisy data: ``(model in eval mode, data)``."""
     from evoprune.data import synthetic
     from evoprune.models import tiny_cnn
     from evoprune.train import train

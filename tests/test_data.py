@@ -12,7 +12,8 @@ from PIL import Image
 
 import evoprune.data as data
 import evoprune.data.decoding as decoding
-from evoprune.data import CIFAR10_STATS, ChannelStats, ImageData, ImageSet, augment, batches, channel_stats, load_images, normalize, synthetic
+from evoprune.data import (CIFAR10_STATS, ChannelStats, ImageData, ImageSet, augment, batches, channel_stats,
+                           load_images, normalize, synthetic)
 from evoprune.errors import ConfigError, DataError
 
 CLASSES = ["cat", "dog", "frog"]

@@ -12,7 +12,8 @@ import torch.nn as nn
 import torch_pruning as tp
 
 import evoprune
-from evoprune import ConfigError, DataError, PlanError, PruningPlan, PruningSpace, ReconstructionWarning, TeacherGrams, reconstruct, slice_plan
+from evoprune import (ConfigError, DataError, PlanError, PruningPlan, PruningSpace, ReconstructionWarning, TeacherGrams,
+                      reconstruct, slice_plan)
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

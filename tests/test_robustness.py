@@ -158,7 +158,8 @@ def test_operators_keep_every_invariant(spaces, data):
     tb = register(base.Toolbox(), space, lambda ind: (0.0, 0.0), objective=objective, macs_budget=macs_budget,
                   p_c=data.draw(st.floats(0, 1), label="p_c"),
                   crossover=data.draw(st.sampled_from(["paper", "uniform"]), label="crossover"),
-                  mutation=data.draw(st.sampled_from(["guided", "bitflip", "swap", "width", "mixed"]), label="mutation"),
+                  mutation=data.draw(st.sampled_from(["guided", "bitflip", "swap", "width", "mixed"]),
+                                     label="mutation"),
                   seed=data.draw(st.integers(0, 2**16), label="seed"))
     n = len(space)
     a = tb.individual()

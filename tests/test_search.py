@@ -319,8 +319,8 @@ def test_resume_after_sigkill_gives_the_uninterrupted_result(tmp_path):
     kills = 0
     state_file = killed / "checkpoint" / ckpt.FILENAME
     for attempt in range(3):
-        proc = subprocess.Popen([sys.executable, str(JOB), str(killed), "--generations", "6"], env=_env(), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen([sys.executable, str(JOB), str(killed), "--generations", "6"], env=_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # kill at a random point: after 1-3 more generations were checkpointed, plus a random delay
         for _ in range(rng.randint(1, 3)):
             before = state_file.stat().st_mtime_ns if state_file.exists() else 0

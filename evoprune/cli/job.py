@@ -1,10 +1,11 @@
 """The prune job: image data and a trained model in, compact models and a report out.
 
-:func:`run` splits ``val`` into a search half (fitness, stratified) and a report half (every reported accuracy),
-takes BN re-calibration batches from ``train``, runs :func:`evoprune.evolve.loop.search` with fine-tuning (optionally
-distilled from the unpruned teacher) between rounds, and writes per round ``round{k}.pt`` (Python), the deployment
-files ``round{k}.pt2`` (torch.export) and ``round{k}.onnx`` (with the onnx extra), and ``round{k}.json``, then
-``report.json``, ``report.md``, ``logbook.csv`` and (with matplotlib) ``pareto.png``. It keeps a record for resuming in ``<out>/checkpoint/`` (:mod:`evoprune.cli.resume`).
+:func:`run` splits ``val`` into a search half (fitness, stratified) and a report half (every reported accuracy), takes
+BN re-calibration batches from ``train``, runs :func:`evoprune.evolve.loop.search` with fine-tuning (optionally
+distilled from the unpruned teacher) between rounds, and writes per round ``round{k}.pt`` (Python), the deployment files
+``round{k}.pt2`` (torch.export) and ``round{k}.onnx`` (with the onnx extra), and ``round{k}.json``, then
+``report.json``, ``report.md``, ``logbook.csv`` and (with matplotlib) ``pareto.png``. It keeps a record for resuming in
+``<out>/checkpoint/`` (:mod:`evoprune.cli.resume`).
 
 :func:`prune_job` and :func:`prune_saved_model` are the same job given by command-line flags (``evoprune prune``
 and the examples): the teacher from ``--weights``, a baseline trained and cached in ``--out`` (:func:`baseline`), or

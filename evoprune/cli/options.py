@@ -1,12 +1,11 @@
 """The prune job's settings (:class:`JobOptions`) and their command-line flags, declared once.
 
 Every search/job flag of ``evoprune prune`` and the examples is derived from a :class:`Flag`: the flag's name, help,
-choices, metavar and whether it is a negated ``--no-x`` switch. :class:`JobOptions`' own fields carry theirs as
-field metadata (``field(metadata=flag(...))``); the fields it inherits from :class:`~evoprune.evolve.config.SearchConfig`
-get theirs from :data:`SEARCH_FLAGS`, keyed by field name. Defaults and types come from the fields. Both the
-parser's arguments (:func:`add_search_arguments`) and the setting -> flag names in error messages (:data:`FLAGS`)
-are built from these declarations, so they cannot drift apart. Fields without a flag are API-only
-(:data:`API_ONLY`).
+choices, metavar and whether it is a negated ``--no-x`` switch. :class:`JobOptions`' own fields carry theirs as field
+metadata (``field(metadata=flag(...))``); the fields it inherits from :class:`~evoprune.evolve.config.SearchConfig` get
+theirs from :data:`SEARCH_FLAGS`, keyed by field name. Defaults and types come from the fields. Both the parser's
+arguments (:func:`add_search_arguments`) and the setting -> flag names in error messages (:data:`FLAGS`) are built from
+these declarations, so they cannot drift apart. Fields without a flag are API-only (:data:`API_ONLY`).
 """
 from __future__ import annotations
 

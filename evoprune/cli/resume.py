@@ -1,14 +1,15 @@
 """The prune job's record in ``<out>/checkpoint/job.json``, and the checks that decide whether a run may resume.
 
-With ``resume`` on (the default) the job keeps ``<out>/checkpoint/``: the search's ``checkpoint.pt`` and
-``job.json``, which records every :class:`~evoprune.cli.options.JobOptions` setting, where the model and data came from
-(``source``, given by the command line), a fingerprint of the data and a digest of the teacher's weights, and
-whether the run finished. A later run into the same ``out`` checks them before any work (:func:`check_resume`; the
-command line does so before it even loads the data) and refuses a change of anything that changes the result,
-naming the flags with their old and new values. ``--device`` and the engine (``--executor``, ``--scheduler``,
-``--workers``) may change (they change where, not what, up to float rounding), and so may ``--no-resume`` itself. A run whose ``job.json`` says it finished is complete; the command
-line then does nothing (:func:`finished`). With ``resume`` off the job keeps no checkpoint and deletes a stale one
-in ``out`` (:func:`remove_stale_checkpoint`: its outputs are being replaced, so it no longer describes them).
+With ``resume`` on (the default) the job keeps ``<out>/checkpoint/``: the search's ``checkpoint.pt`` and ``job.json``,
+which records every :class:`~evoprune.cli.options.JobOptions` setting, where the model and data came from (``source``,
+given by the command line), a fingerprint of the data and a digest of the teacher's weights, and whether the run
+finished. A later run into the same ``out`` checks them before any work (:func:`check_resume`; the command line does so
+before it even loads the data) and refuses a change of anything that changes the result, naming the flags with their old
+and new values. ``--device`` and the engine (``--executor``, ``--scheduler``, ``--workers``) may change (they change
+where, not what, up to float rounding), and so may ``--no-resume`` itself. A run whose ``job.json`` says it finished is
+complete; the command line then does nothing (:func:`finished`). With ``resume`` off the job keeps no checkpoint and
+deletes a stale one in ``out`` (:func:`remove_stale_checkpoint`: its outputs are being replaced, so it no longer
+describes them).
 """
 from __future__ import annotations
 

@@ -170,9 +170,9 @@ class LatencyTable:
                 step: int | None = None,
                 cache_dir: str | os.PathLike | None = None, cache: bool = True) -> "LatencyTable":
         """Time ``model``'s conv/linear layers at a grid of widths (multiples of ``step``, default
-        :func:`kernel_step`) and fit the end-to-end curve (see the module docstring). With ``cache`` (default) a table cached in ``cache_dir`` (default ``$EVOPRUNE_CACHE`` or
-        ``~/.cache/evoprune``) for this runtime, version, threads, batch, CPU and space is loaded instead, and a
-        new one is saved there."""
+        :func:`kernel_step`) and fit the end-to-end curve (see the module docstring). With ``cache`` (default) a table
+        cached in ``cache_dir`` (default ``$EVOPRUNE_CACHE`` or ``~/.cache/evoprune``) for this runtime, version,
+        threads, batch, CPU and space is loaded instead, and a new one is saved there."""
         version = check_runtime(runtime)
         check_batch(batch)
         check_threads(threads)
@@ -344,5 +344,5 @@ def _fit_line(rows: list[dict]) -> list[list[float]]:
 
 
 __all__ = ["LatencyTable", "calibration_plans", "width_grid", "cache_path",
-           # re-exported from evoprune.deploy.runtime, so that ``evoprune.deploy.latency`` is the one import a user needs
+           # re-exported from evoprune.deploy.runtime: evoprune.deploy.latency is the one import a user needs
            "LatencyWarning", "Timing", "measure", "time_call", "check_runtime", "cpu_model", "kernel_step", "RUNTIMES"]

@@ -6,8 +6,9 @@
 * ``dask``: a Dask ``distributed`` cluster: a ``LocalCluster`` here, or an existing one (``scheduler=ADDRESS``,
   e.g. started by ``dask-jobqueue`` on SLURM/PBS/SGE/LSF). Needs ``pip install 'evoprune[dask]'``.
 
-:func:`make_map` builds one (:func:`opened` also closes it); ``register(..., map=...)`` and ``search(..., map=...)`` take any of them, or any other
-DEAP-style map. Fitness state (the model and the scoring tensors of an :class:`evoprune.evolve.fitness.Evaluator`) is
+:func:`make_map` builds one (:func:`opened` also closes it); ``register(..., map=...)`` and ``search(..., map=...)``
+take any of them, or any other DEAP-style map. Fitness state (the model and the scoring tensors of an
+:class:`evoprune.evolve.fitness.Evaluator`) is
 *published* here once per evaluator (:func:`publish`) and reaches each worker process once: ``scoop.shared`` under
 SCOOP, the pool's initializer for ``processes`` (the pool is re-created when the published state changes, i.e.
 once per round), and ``Client.scatter(broadcast=True)`` for Dask. What travels with every task is the evaluator's

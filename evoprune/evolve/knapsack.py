@@ -1,15 +1,15 @@
 """A knapsack allocator of layer widths (after HALP, NeurIPS 2022): the strongest non-evolutionary baseline for a
 fixed cost budget, and a useful method in its own right (``method="knapsack"``: no fitness evaluations but one).
 
-Each channel group chooses a width from its legal widths (multiples of ``round_to``, at least ``min_keep``). The
-value of a width is the share of the group's summed importance that its most important channels kept carry, so
-every group is worth 1 whole and a channel of a narrow group more than one of a wide group. The cost of a width
-is what it adds to the plan's cost (MACs, params, or the latency table's predicted ms) with every other group held at the
-current widths: exact for one group, a linearisation for all of them, since a conv's cost is the product of its
-input and output widths. A multiple-choice knapsack over these (dynamic programming on a grid of ``bins`` cost
-steps) gives the widths of highest value within the budget; the repair then makes them exactly feasible (and fills
-what is left), and the allocation is linearised again around the result, ``iters`` times. The best value found
-wins. Connection units all stay active: the knapsack allocates widths, not depth.
+Each channel group chooses a width from its legal widths (multiples of ``round_to``, at least ``min_keep``). The value
+of a width is the share of the group's summed importance that its most important channels kept carry, so every group is
+worth 1 whole and a channel of a narrow group more than one of a wide group. The cost of a width is what it adds to the
+plan's cost (MACs, params, or the latency table's predicted ms) with every other group held at the current widths: exact
+for one group, a linearisation for all of them, since a conv's cost is the product of its input and output widths. A
+multiple-choice knapsack over these (dynamic programming on a grid of ``bins`` cost steps) gives the widths of highest
+value within the budget; the repair then makes them exactly feasible (and fills what is left), and the allocation is
+linearised again around the result, ``iters`` times. The best value found wins. Connection units all stay active: the
+knapsack allocates widths, not depth.
 
 Values add up, so the knapsack empties the groups whose channels cost most (on ResNet-18 at CIFAR size, the stem
 and the stage-1 residual stream) down to any floor it is given, and accuracy goes with them; each group keeps at

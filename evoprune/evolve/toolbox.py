@@ -169,29 +169,28 @@ def register(toolbox: base.Toolbox, space: PruningSpace, evaluate: Callable, *, 
 
     ``objective``: ``"budget"`` (the default, as in :func:`evoprune.search`: maximise the score subject to
     ``macs_budget`` or ``params_budget``, which it needs; infeasible plans rank below every feasible one and the repair
-    step shrinks individuals into the budget), ``"nsga2"`` (Pareto over score and MACs, ``tools.selNSGA2``; a budget
-    is optional) or ``"topk"`` (truncation, the paper's K elites). ``p_c`` sets the crossover cut point of
-    the paper's operator; ``p_mut`` is the per-individual mutation probability, exposed as ``toolbox.p_mut`` for
-    your loop (pass it as ``mutpb`` to stock DEAP algorithms). ``importance``: ``{group: scores}`` from
+    step shrinks individuals into the budget), ``"nsga2"`` (Pareto over score and MACs, ``tools.selNSGA2``; a budget is
+    optional) or ``"topk"`` (truncation, the paper's K elites). ``p_c`` sets the crossover cut point of the paper's
+    operator; ``p_mut`` is the per-individual mutation probability, exposed as ``toolbox.p_mut`` for your loop (pass it
+    as ``mutpb`` to stock DEAP algorithms). ``importance``: ``{group: scores}`` from
     :func:`evoprune.space.importance.channel_importance`; without it the guided operators fall back to random ranks.
-    ``init="importance"`` seeds individuals from importance at a spread of keep ratios, with per-group widths
-    jittered by ``init_spread`` (log-normal) and a share ``init_global`` ranked across groups (torch-pruning's
-    global allocation), so that the first generation already holds different layer-width allocations; each of its
-    residual units is cut with probability ``init_cut`` (default 0; ``evoprune.search`` uses 0.2 for latency
-    targets, where depth cuts often buy the most). Sequential units (plain conv runs) start uncut: such a cut
-    collapses accuracy until the network is fine-tuned, so seeding them wastes evaluations; mutation still cuts them.
-    ``mutation``: ``"level"`` (the default: level-switch, :func:`evoprune.evolve.operators.mut_level`: width moves between
-    two groups at equal cost, then about ``indpb`` of every group's kept channels trade places with removed ones and
-    each connection gene flips with probability ``conn_indpb``), ``"mixed"`` (one group's width moves, then the same
-    trade; the repair rebalances the budget), ``"guided"``
-    (importance-biased flips), ``"swap"``, ``"width"`` or ``"bitflip"`` (the paper's, ``tools.mutFlipBit``).
-    ``fill``: in budget mode, offspring under ``fill`` of the budget grow back towards it (None turns it off), so
-    the search compares plan shapes at nearly equal MACs. ``latency``: a :class:`evoprune.deploy.latency.LatencyTable` of
-    ``space``; with it the repair also keeps plans under ``latency_budget`` (ms), and ``evaluate`` should return
-    (score, predicted ms), as ``Evaluator(..., latency=table)`` does, so that ``select`` (budget or NSGA-II) works
-    on the latency. ``seed`` seeds Python's ``random`` (DEAP's source of randomness) and numpy. ``map``: the
-DEAP-style ``map(fn, iterable)`` that runs fitness calls (default: SCOOP's under ``python -m scoop``, else the
-builtin).
+    ``init="importance"`` seeds individuals from importance at a spread of keep ratios, with per-group widths jittered
+    by ``init_spread`` (log-normal) and a share ``init_global`` ranked across groups (torch-pruning's global
+    allocation), so that the first generation already holds different layer-width allocations; each of its residual
+    units is cut with probability ``init_cut`` (default 0; ``evoprune.search`` uses 0.2 for latency targets, where depth
+    cuts often buy the most). Sequential units (plain conv runs) start uncut: such a cut collapses accuracy until the
+    network is fine-tuned, so seeding them wastes evaluations; mutation still cuts them. ``mutation``: ``"level"`` (the
+    default: level-switch, :func:`evoprune.evolve.operators.mut_level`: width moves between two groups at equal cost,
+    then about ``indpb`` of every group's kept channels trade places with removed ones and each connection gene flips
+    with probability ``conn_indpb``), ``"mixed"`` (one group's width moves, then the same trade; the repair rebalances
+    the budget), ``"guided"`` (importance-biased flips), ``"swap"``, ``"width"`` or ``"bitflip"`` (the paper's,
+    ``tools.mutFlipBit``). ``fill``: in budget mode, offspring under ``fill`` of the budget grow back towards it (None
+    turns it off), so the search compares plan shapes at nearly equal MACs. ``latency``: a
+    :class:`evoprune.deploy.latency.LatencyTable` of ``space``; with it the repair also keeps plans under
+    ``latency_budget`` (ms), and ``evaluate`` should return (score, predicted ms), as ``Evaluator(..., latency=table)``
+    does, so that ``select`` (budget or NSGA-II) works on the latency. ``seed`` seeds Python's ``random`` (DEAP's source
+    of randomness) and numpy. ``map``: the DEAP-style ``map(fn, iterable)`` that runs fitness calls (default: SCOOP's
+    under ``python -m scoop``, else the builtin).
     """
     p_c = check_probability("p_c", p_c)
     p_mut = check_probability("p_mut", p_mut)

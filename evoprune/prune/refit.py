@@ -28,8 +28,8 @@ and held out) with ``D = in_channels / groups * kh * kw + 1`` (VGG16's widest co
 the teacher's sampled outputs of every changed layer, ``images * positions * out_channels`` float32 (1,024 images,
 16 positions, 512 channels: 32 MB a layer).
 
-:class:`evoprune.prune.grams.TeacherGrams` is the cheap variant for fitness: the teacher's per-layer Gram matrices over its
-own inputs are collected once per round; refitting a candidate is then a slice of them and a small solve per layer,
+:class:`evoprune.prune.grams.TeacherGrams` is the cheap variant for fitness: the teacher's per-layer Gram matrices over
+its own inputs are collected once per round; refitting a candidate is then a slice of them and a small solve per layer,
 no forward pass (``FitnessConfig(reconstruct="lsq")``).
 """
 from __future__ import annotations

@@ -14,8 +14,8 @@
   happens to start, which may see each of them twice (a ghost module's ``cat([x, cheap(x)])``): such a group is
   re-rooted; one whose channels come back into it at another offset is left out, with the untraceable ones.
 
-:func:`discover` returns them with the traced private copy of the model; :class:`evoprune.space.pruning_space.PruningSpace` keeps
-only the names, sizes and index maps.
+:func:`discover` returns them with the traced private copy of the model;
+:class:`evoprune.space.pruning_space.PruningSpace` keeps only the names, sizes and index maps.
 """
 from __future__ import annotations
 

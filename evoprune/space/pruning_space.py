@@ -1,10 +1,10 @@
 """PruningSpace: what in one model can be pruned, for one input shape, and what a plan of it costs.
 
-The space is built once per model (:meth:`PruningSpace.from_model`): :mod:`evoprune.space.discovery` traces the model and
-finds its channel groups and connection units, :func:`evoprune.space.cost.probe` measures the analytic cost model. The
-space then answers, without running a model: which genes an individual has (:mod:`evoprune.space.genome` encodes and
-decodes them), whether a plan is valid (:func:`evoprune.space.plan.validate`), which units a plan cuts and which channels
-survive them, and the MACs/params of any plan or individual.
+The space is built once per model (:meth:`PruningSpace.from_model`): :mod:`evoprune.space.discovery` traces the model
+and finds its channel groups and connection units, :func:`evoprune.space.cost.probe` measures the analytic cost model.
+The space then answers, without running a model: which genes an individual has (:mod:`evoprune.space.genome` encodes and
+decodes them), whether a plan is valid (:func:`evoprune.space.plan.validate`), which units a plan cuts and which
+channels survive them, and the MACs/params of any plan or individual.
 
 It holds names, sizes, index maps and the cost tables, never a module or a graph, so it pickles small and can be
 shipped to SCOOP workers.
