@@ -147,12 +147,12 @@ def run_search(args, ctx, method, seed, budget_kw) -> Curve:
                  reconstruct="none", progress=False, verbose=False, **budget_kw, **cfg)
     rnd = run.start_round(1)
     t_first = time.perf_counter() - t0
-    cost_budget = rnd.budget
     spent = 0.0
 
     def point(candidates, evals, seconds):
-        view = types.SimpleNamespace(population=candidates, front=[], feasible=rnd.feasible, evaluator=rnd.evaluator)
-        best, choice, _ = final_choice(view, cost_budget, pool, ctx.cx if pool > 1 else None, ctx.cy)
+        view = types.SimpleNamespace(population=candidates, front=[], budget=rnd.budget, space=rnd.space,
+                                     evaluator=rnd.evaluator)
+        best, choice, _ = final_choice(view, pool, ctx.cx if pool > 1 else None, ctx.cy)
         return curve.measure(rnd.space.decode(best), rnd.space, evals, seconds, best.fitness.values[0], choice)
 
     per_gen = args.population - args.elites

@@ -20,8 +20,8 @@ from ._version import __version__
 from .deploy import LatencyTable, LatencyWarning, export, model_card
 from .errors import (CheckpointError, ConfigError, DataError, EngineError, EvaluationError, EvoPruneError, ModelError,
                      PlanError, UntraceableWarning)
-from .evolve import (Evaluator, FitnessConfig, Search, SearchConfig, SearchResult, make_map, opened, register, search,
-                     vary)
+from .evolve import (Budget, Evaluator, FitnessConfig, Search, SearchConfig, SearchResult, make_map, opened, register,
+                     search, vary)
 from .prune import ReconstructionWarning, TeacherGrams, apply_plan, masked, recalibrate_bn, reconstruct, slice_plan
 from .space import ChannelGroup, ConnectionUnit, Layout, PruningPlan, PruningSpace, channel_importance
 
@@ -31,7 +31,7 @@ __all__ = [
     "__version__", "EvoPruneError", "PlanError", "ConfigError", "DataError", "ModelError", "CheckpointError",
     "UntraceableWarning", "EvaluationError", "EngineError", "LatencyWarning",
     "PruningSpace", "ChannelGroup", "ConnectionUnit", "Layout", "PruningPlan", "apply_plan", "slice_plan", "masked",
-    "export", "model_card", "register", "search", "Search", "vary", "SearchConfig", "SearchResult",
+    "export", "model_card", "register", "Budget", "search", "Search", "vary", "SearchConfig", "SearchResult",
     "Evaluator", "FitnessConfig", "reconstruct", "TeacherGrams", "ReconstructionWarning",
     "LatencyTable", "channel_importance", "recalibrate_bn", "make_map", "opened",
 ]

@@ -1,4 +1,4 @@
-"""The evoprune exception hierarchy, and the one argument check shared by several settings (probabilities).
+"""The evoprune exception hierarchy (the argument checks that raise them are in :mod:`evoprune.validators`).
 
 Every public entry point validates its inputs before doing any work and raises one of these. Each message says what
 was wrong and what to do about it.
@@ -6,7 +6,6 @@ was wrong and what to do about it.
 from __future__ import annotations
 
 import functools
-import math
 
 
 class EvoPruneError(Exception):
@@ -79,11 +78,3 @@ class CheckpointError(EvoPruneError):
 class UntraceableWarning(UserWarning):
     """torch-pruning cannot map part of a model (e.g. a channel shuffle): the layers coupled to it are left out of
     the pruning space, and the rest is pruned. Filter it with ``warnings.filterwarnings``."""
-
-
-def check_probability(name: str, value) -> float:
-    """``value`` as a float; :class:`ConfigError` (``setting=name``) unless it is a number in [0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0 \
-            or math.isnan(value):
-        raise ConfigError(f"must be a probability in [0, 1], got {value!r}", setting=name)
-    return float(value)

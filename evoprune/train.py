@@ -16,6 +16,7 @@ from torch import nn
 
 from .data import ImageSet, batches, num_batches
 from .errors import ConfigError, DataError, ModelError
+from .validators import check_device, is_int
 from .progress import bar, status
 
 SCHEDULES = ("onecycle", "cosine")
@@ -181,9 +182,9 @@ def check_training_args(*, epochs, batch_size, lr, momentum, weight_decay, sched
                         kd_temperature, max_batches) -> None:
     """Raise :class:`ConfigError` for the first out-of-range training parameter."""
     checks = [
-        (isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 1,
+        (is_int(epochs) and epochs >= 1,
          f"epochs must be an int >= 1, not {epochs!r}"),
-        (isinstance(batch_size, int) and batch_size >= 1, f"batch_size must be an int >= 1, not {batch_size!r}"),
+        (is_int(batch_size) and batch_size >= 1, f"batch_size must be an int >= 1, not {batch_size!r}"),
         (lr > 0, f"lr must be > 0, not {lr}"),
         (0 <= momentum < 1, f"momentum must be in [0, 1), not {momentum}"),
         (weight_decay >= 0, f"weight_decay must be >= 0, not {weight_decay}"),
@@ -191,7 +192,7 @@ def check_training_args(*, epochs, batch_size, lr, momentum, weight_decay, sched
         (0 <= label_smoothing < 1, f"label_smoothing must be in [0, 1), not {label_smoothing}"),
         (0 <= kd_alpha <= 1, f"kd_alpha must be in [0, 1], not {kd_alpha}"),
         (kd_temperature > 0, f"kd_temperature must be > 0, not {kd_temperature}"),
-        (max_batches is None or (isinstance(max_batches, int) and max_batches >= 1),
+        (max_batches is None or (is_int(max_batches) and max_batches >= 1),
          f"max_batches must be None or an int >= 1, not {max_batches!r}"),
     ]
     for ok, message in checks:
@@ -206,13 +207,7 @@ def check_nonempty(imageset: ImageSet, name: str) -> None:
 
 def resolve_device(device: str | torch.device) -> torch.device:
     """``torch.device(device)``; :class:`ConfigError` if it is malformed or CUDA is asked for but unavailable."""
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"invalid device {device!r} ({exc}); use 'cpu', 'cuda' or 'cuda:N'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {str(device)!r} was asked for, but CUDA is not available here; use device='cpu'")
-    return device
+    return check_device(device)
 
 
 def record_epoch(history: dict[str, list[float]], epoch: int, loss: float, acc: float, lr: float,

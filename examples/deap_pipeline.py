@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     plan = space.decode(best)
     # structural distillation: refit every changed layer to the unpruned model's outputs (closed form, no labels)
     pruned = evoprune.reconstruct(model, evoprune.apply_plan(model, plan, example, space=space), plan, space, recal_x)
-    written = evoprune.deploy.exporter(pruned, Path(args.out) / "best", example, plan=plan)
+    written = evoprune.export(pruned, Path(args.out) / "best", example, plan=plan)
     evaluator.release()
     print(f"\nbest plan: score {best.fitness.values[0]:.4f}, {best.fitness.values[1] / 1e6:.3f} MMACs; "
           f"top-1 on the report half of val after pruning {evaluate(pruned, report_set):.4f} (no fine-tuning)")

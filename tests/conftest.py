@@ -2,10 +2,20 @@
 so tests (and module-scoped fixtures) can request it without importing ``conftest``."""
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same global random state: DEAP's operators draw from ``random`` (and
+    ``evoprune.register`` seeds nothing, as a library should not), so a test is repeatable on its own."""
+    random.seed(0)
+    np.random.seed(0)
 
 
 def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:

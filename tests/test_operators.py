@@ -11,7 +11,7 @@ from deap import base, tools
 
 from evoprune import ConfigError, PruningSpace
 from evoprune.evolve import operators as ops
-from evoprune.errors import check_probability
+from evoprune.validators import check_probability
 from evoprune.space.genome import Layout
 from evoprune.space.importance import channel_importance, ranks as to_ranks
 from evoprune.evolve import vary

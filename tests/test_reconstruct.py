@@ -269,7 +269,7 @@ def test_a_reconstructed_model_exports_and_reloads(randomize_bn, tmp_path):
     net = reconstruct(teacher, slice_plan(teacher, plan, space), plan, space, _images(), "lsq")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        files = evoprune.deploy.exporter(net, tmp_path / "refit.pt", x, plan=plan)
+        files = evoprune.export(net, tmp_path / "refit.pt", x, plan=plan)
         test_x = torch.randn(4, 3, 12, 12)
         want = net(test_x).detach().numpy()
         session = ort.InferenceSession(files["onnx"], providers=["CPUExecutionProvider"])

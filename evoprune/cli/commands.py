@@ -35,6 +35,7 @@ from . import demo, inspect_model, job, sources
 from .parser import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, build_parser, check_combinations
 from ..data import normalized, parse_normalization
 from ..errors import ConfigError, EvoPruneError, ModelError
+from ..validators import check_device
 from ..deploy.exporter import export
 from ..models import MODELS, build, fit_weights
 from .options import setting_flag
@@ -203,11 +204,9 @@ def cmd_inspect(args) -> int:
 def _check_device(device: str) -> None:
     """``--device``: a torch device that is there (ConfigError naming the flag otherwise)."""
     try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device} was asked for, but torch sees no CUDA device here; use --device cpu")
+        check_device(device)
+    except ConfigError as exc:
+        raise ConfigError(exc.named("--device")) from None
 
 
 def _check_positive(**flags) -> None:

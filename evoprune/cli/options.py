@@ -14,11 +14,11 @@ import math
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Callable
 
-import torch
 
 from ..data import parse_normalization
 from ..evolve.engines import EXECUTORS, check_executor
 from ..errors import ConfigError
+from ..validators import check_choice, check_device, check_int, check_positive, is_int, is_number
 from ..evolve.config import METHODS, RECONSTRUCT_METHODS, SearchConfig
 from ..deploy.runtime import RUNTIMES
 from ..evolve.operators import CROSSOVERS, MUTATIONS
@@ -194,11 +194,11 @@ class JobOptions(SearchConfig):
     def check(self):
         """Raise :class:`ConfigError` (its ``setting`` names the field; :data:`FLAGS` has its flag) for the first
         setting out of range."""
-        if not _is_int(self.score_samples) or self.score_samples < 10:
+        if not is_int(self.score_samples) or self.score_samples < 10:
             raise ConfigError(f"must be an int >= 10, got {self.score_samples!r}", setting="score_samples")
         if self.metric not in ("top1", "loss", "kl"):
             raise ConfigError(f"must be top1, loss or kl, got {self.metric!r}", setting="metric")
-        if not _is_int(self.recal_batches) or self.recal_batches < 0:
+        if not is_int(self.recal_batches) or self.recal_batches < 0:
             raise ConfigError(f"must be an int >= 0 (0 turns re-calibration off), got {self.recal_batches!r}",
                               setting="recal_batches")
         if self.recal_batches == 0 and self.reconstruct != "none":
@@ -208,35 +208,20 @@ class JobOptions(SearchConfig):
         if self.recal_batches == 0 and self.fitness_reconstruct != "none":
             raise ConfigError("needs calibration images from the training batches, but --recal-batches is 0",
                               setting="fitness_reconstruct")
-        if self.fitness_reconstruct not in ("none", "lsq"):
-            raise ConfigError(f"must be 'none' or 'lsq', got {self.fitness_reconstruct!r}",
-                              setting="fitness_reconstruct")
-        if not _is_number(self.finetune_epochs) or not self.finetune_epochs >= 0 or \
+        check_choice("fitness_reconstruct", self.fitness_reconstruct, ("none", "lsq"))
+        if not is_number(self.finetune_epochs) or not self.finetune_epochs >= 0 or \
                 math.isinf(self.finetune_epochs):
             raise ConfigError(f"must be a number >= 0 (0 turns fine-tuning off), got {self.finetune_epochs!r}",
                               setting="finetune_epochs")
-        if not _is_number(self.finetune_lr) or not 0 < self.finetune_lr < math.inf:
-            raise ConfigError(f"must be a number > 0, got {self.finetune_lr!r}", setting="finetune_lr")
-        if not _is_int(self.batch_size) or self.batch_size < 1:
-            raise ConfigError(f"must be an int >= 1, got {self.batch_size!r}", setting="batch_size")
-        if not isinstance(self.device, str):
-            raise ConfigError(f"must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}", setting="device")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"is {self.device!r}, but torch sees no CUDA device; use cpu", setting="device")
+        check_positive("finetune_lr", self.finetune_lr)
+        check_int("batch_size", self.batch_size)
+        check_device(self.device)
         parse_normalization(self.normalize)
         check_executor(self.executor, self.scheduler, self.workers)
         super().check()
 
     def search_config(self) -> SearchConfig:
         return SearchConfig(**{f.name: getattr(self, f.name) for f in fields(SearchConfig)})
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
 
 
 def job_flags() -> dict[str, tuple[Flag, Any]]:

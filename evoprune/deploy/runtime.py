@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError, ModelError
+from ..validators import check_int
 
 RUNTIMES = ("onnxruntime", "torch")
 
@@ -44,16 +45,12 @@ def check_runtime(runtime: str) -> str:
 
 def check_threads(threads) -> int:
     """``threads`` if it is an int >= 1 (else a :class:`ConfigError` naming the ``threads`` setting)."""
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ConfigError(f"must be an int >= 1, got {threads!r}", setting="threads")
-    return threads
+    return check_int("threads", threads)
 
 
 def check_batch(batch) -> int:
     """``batch`` if it is an int >= 1 (else a :class:`ConfigError` naming the ``batch`` setting)."""
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ConfigError(f"must be an int >= 1, got {batch!r}", setting="batch")
-    return batch
+    return check_int("batch", batch)
 
 
 def cpu_model() -> str:

@@ -9,6 +9,7 @@ its settings (:mod:`.config`), its budget (:mod:`.budget`), its checkpoint (:mod
 its strongest non-evolutionary rival. Named ``evolve`` rather than ``search`` so that :func:`evoprune.search`, the
 function, keeps its name.
 """
+from .budget import Budget
 from .config import SearchConfig
 from .engines import make_map, opened
 from .fitness import Evaluator, FitnessConfig
@@ -16,5 +17,5 @@ from .loop import Search, search, vary
 from .result import SearchResult
 from .toolbox import register
 
-__all__ = ["search", "Search", "vary", "SearchConfig", "SearchResult", "Evaluator", "FitnessConfig", "register",
-           "make_map", "opened"]
+__all__ = ["Budget", "search", "Search", "vary", "SearchConfig", "SearchResult", "Evaluator", "FitnessConfig",
+           "register", "make_map", "opened"]

@@ -5,16 +5,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..errors import ConfigError, check_probability
+from ..errors import ConfigError
 from ..space.importance import KINDS as IMPORTANCE_KINDS
 from ..prune.lsq import CALIB_IMAGES
 from ..prune.refit import METHODS as RECONSTRUCT_METHODS
 from ..deploy.runtime import check_runtime
-from .operators import CROSSOVERS, MUTATIONS
+from ..validators import check_bool, check_choice, check_fraction, check_int, check_probability
+from .budget import Budget
+from .operators import CROSSOVERS, INITS, MUTATIONS, OBJECTIVES
 
 
 METHODS = ("ga", "random", "init", "knapsack")
-TARGET_KINDS = ("macs", "params", "latency")
 
 
 @dataclass
@@ -79,66 +80,41 @@ class SearchConfig:
         per_gen = self.children() if self.screen >= 1 else self.children() * self.screen + self.survivor_count()
         return self.population + math.ceil(self.generations * per_gen)
 
+    def budget(self, base: float) -> Budget:
+        """The final :class:`Budget` of this search for a model whose MACs, params or latency (ms) is ``base``."""
+        return Budget.of_target(self.target_kind, self.target, base)
+
     def check(self):
         """Raise :class:`ConfigError` (its ``setting`` names the field) for the first setting out of range."""
-        for name in ("rounds", "generations"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"must be an int >= 1, got {v!r}", setting=name)
-        if not isinstance(self.population, int) or isinstance(self.population, bool) or self.population < 2:
-            raise ConfigError(f"must be an int >= 2, got {self.population!r}", setting="population")
-        if not isinstance(self.elites, int) or isinstance(self.elites, bool) or \
-                not 1 <= self.elites <= self.population:
-            raise ConfigError(f"must be an int from 1 to the population size ({self.population}), got "
-                              f"{self.elites!r}", setting="elites")
+        check_int("rounds", self.rounds)
+        check_int("generations", self.generations)
+        check_int("population", self.population, 2)
+        check_int("elites", self.elites, 1, maximum=self.population,
+                  what=f"from 1 to the population size ({self.population})")
         if self.offspring is None and self.elites == self.population:
             raise ConfigError(f"equals the population size ({self.population}), so no generation makes a child and "
                               "the search only scores its initial population; give fewer elites, or offspring "
                               "(--offspring) > 0", setting="elites")
-        for name in ("offspring", "survivors"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise ConfigError(f"must be an int >= 1 (or None), got {v!r}", setting=name)
-        if isinstance(self.screen, bool) or not isinstance(self.screen, (int, float)) or not 0 < self.screen <= 1:
-            raise ConfigError(f"must be a fraction in (0, 1], got {self.screen!r}", setting="screen")
-        if not isinstance(self.final_pool, int) or isinstance(self.final_pool, bool) or self.final_pool < 1:
-            raise ConfigError(f"must be an int >= 1, got {self.final_pool!r}", setting="final_pool")
-        if not isinstance(self.dedupe, bool):
-            raise ConfigError(f"must be True or False, got {self.dedupe!r}", setting="dedupe")
+        check_int("offspring", self.offspring, optional=True)
+        check_int("survivors", self.survivors, optional=True)
+        check_fraction("screen", self.screen)
+        check_int("final_pool", self.final_pool)
+        check_bool("dedupe", self.dedupe)
         check_probability("p_c", self.p_c)
         check_probability("p_mut", self.p_mut)
         if self.init_cut is not None:
             check_probability("init_cut", self.init_cut)
-        for name in ("latency_batch", "threads"):  # checked with any target: a bad value is never silently unused
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"must be an int >= 1, got {v!r}", setting=name)
-        if self.target_kind not in TARGET_KINDS:
-            raise ConfigError(f"must be 'macs', 'params' or 'latency', got {self.target_kind!r}",
-                              setting="target_kind")
+        check_int("latency_batch", self.latency_batch)  # checked with any target: a bad value is never unused
+        check_int("threads", self.threads)
+        Budget.check_target(self.target_kind, self.target)
         if self.target_kind == "latency":
-            if isinstance(self.target, bool) or not isinstance(self.target, (int, float)) or \
-                    not 0 < self.target < math.inf:
-                raise ConfigError(f"must be a latency in ms > 0, got {self.target!r}", setting="target_latency_ms")
             check_runtime(self.runtime)  # known and installed (else names the extra)
-        elif isinstance(self.target, bool) or not isinstance(self.target, (int, float)) or \
-                not 0 < self.target <= 1 or math.isnan(self.target):
-            raise ConfigError(f"must be a fraction in (0, 1] of the original {self.target_kind.upper()}, got "
-                              f"{self.target!r}", setting="target" if self.target_kind == "macs" else "target_params")
-        if self.objective not in ("budget", "nsga2", "topk"):
-            raise ConfigError(f"must be 'budget', 'nsga2' or 'topk', got {self.objective!r}", setting="objective")
-        if self.crossover not in CROSSOVERS:
-            raise ConfigError(f"must be one of {', '.join(CROSSOVERS)}, got {self.crossover!r}", setting="crossover")
-        if self.mutation not in MUTATIONS:
-            raise ConfigError(f"must be one of {', '.join(MUTATIONS)}, got {self.mutation!r}", setting="mutation")
-        if self.init not in ("importance", "random"):
-            raise ConfigError(f"must be 'importance' or 'random', got {self.init!r}", setting="init")
-        if self.method not in METHODS:
-            raise ConfigError(f"must be one of {', '.join(METHODS)}, got {self.method!r}", setting="method")
-        if self.reconstruct not in RECONSTRUCT_METHODS:
-            raise ConfigError(f"must be one of {', '.join(RECONSTRUCT_METHODS)}, got {self.reconstruct!r}",
-                              setting="reconstruct")
-        if not isinstance(self.calib_images, int) or isinstance(self.calib_images, bool) or self.calib_images < 1:
-            raise ConfigError(f"must be an int >= 1, got {self.calib_images!r}", setting="calib_images")
+        check_choice("objective", self.objective, OBJECTIVES)
+        check_choice("crossover", self.crossover, CROSSOVERS)
+        check_choice("mutation", self.mutation, MUTATIONS)
+        check_choice("init", self.init, INITS)
+        check_choice("method", self.method, METHODS)
+        check_choice("reconstruct", self.reconstruct, RECONSTRUCT_METHODS)
+        check_int("calib_images", self.calib_images)
         if self.importance not in IMPORTANCE_KINDS or self.importance == "taylor":
             raise ConfigError(f"must be one of l1, l2, bn, random, got {self.importance!r}", setting="importance")

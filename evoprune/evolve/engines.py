@@ -29,6 +29,7 @@ import numpy as np
 
 from .._version import __version__
 from ..errors import ConfigError, EngineError
+from ..validators import check_int
 
 EXECUTORS = ("serial", "scoop", "processes", "dask")
 CONNECT_TIMEOUT_S = 20  # an unreachable --scheduler fails within this many seconds
@@ -284,8 +285,7 @@ def check_executor(executor: str | None, scheduler: str | None = None, workers: 
     if scheduler and executor != "dask":
         raise ConfigError(f"is a Dask scheduler address; it needs the dask executor, not {executor or 'the default'}",
                           setting="scheduler")
-    if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
-        raise ConfigError(f"must be an int >= 1, got {workers!r}", setting="workers")
+    check_int("workers", workers, optional=True)
     if executor == "dask":
         import importlib.util
         if importlib.util.find_spec("distributed") is None:

@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from ..prune.bn import recalibrate_bn, restored_bn
 from ..errors import ConfigError, EvaluationError, ModelError, PlanError
+from ..validators import check_device, check_fraction, check_int
 from ..space.genome import check_genes, decode
 from ..netinfo import check_finite
 from .engines import fetch, forget, owned, publish, scoop_origin, under_scoop
@@ -87,8 +88,7 @@ class FitnessConfig:
             raise ConfigError(f"batch_size must be a positive int, got {self.batch_size!r}")
         for name in ("finetune_steps", "cut_steps"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ConfigError(f"{name} must be an int >= 0, got {v!r}")
+            check_int(name, v, 0)
             if v and not self.bn_recalibration:
                 raise ConfigError(f"{name} needs bn_recalibration (its batches are the fine-tuning data)")
         if self.reconstruct not in ("none", "lsq"):
@@ -97,10 +97,8 @@ class FitnessConfig:
         if self.reconstruct != "none" and not self.bn_recalibration:
             raise ConfigError("fitness reconstruct needs the re-calibration batches as its calibration images; "
                               "turn bn_recalibration on", setting="reconstruct")
-        if not isinstance(self.calib_images, int) or isinstance(self.calib_images, bool) or self.calib_images < 1:
-            raise ConfigError(f"must be an int >= 1, got {self.calib_images!r}", setting="calib_images")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError("device 'cuda' was asked for, but torch sees no CUDA device; use --device cpu")
+        check_int("calib_images", self.calib_images)
+        check_device(self.device)
 
 
 class Evaluator:
@@ -152,10 +150,8 @@ class Evaluator:
     def screening(self, fraction: float) -> "Evaluator":
         """This evaluator scoring on the first ``fraction`` of the images and of the re-calibration batches only:
         the cheap first stage of a staged search (same published state; its scores are cached apart)."""
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-            raise ConfigError(f"must be a fraction in (0, 1], got {fraction!r}", setting="screen")
         other = copy.copy(self)
-        other.fraction = float(fraction)
+        other.fraction = check_fraction("screen", fraction)
         return other
 
     def rescore(self, individual, x: torch.Tensor, y: torch.Tensor | None) -> float:

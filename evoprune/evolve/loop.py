@@ -32,7 +32,8 @@ import torch.nn as nn
 from deap import base, tools
 
 from . import checkpoint as ckpt
-from .config import METHODS, TARGET_KINDS, SearchConfig
+from .budget import TARGET_KINDS
+from .config import METHODS, SearchConfig
 from ..errors import ConfigError
 from ..netinfo import layer_widths
 from .fitness import Evaluator, FitnessConfig, recalibrate_bn, reference_score
@@ -45,7 +46,7 @@ from ..progress import bar, status
 from ..prune.lsq import calibration_subset
 from ..prune.refit import reconstruct
 from .result import SearchResult, hypervolume
-from .round import Round, curse_reference, feasibility, final_choice, init_cut, model_row
+from .round import Round, curse_reference, final_choice, init_cut, model_row
 from ..deploy.runtime import kernel_step
 from ..space.pruning_space import PruningSpace
 from ..prune.surgery import apply_plan
@@ -114,10 +115,9 @@ class Search:
             ["hv", "hamming", "distinct"]
         self.result = SearchResult([], [layer_widths(model)], [], [], [], self.logbook, baseline=baseline,
                                    cost="ms" if self.timed else "macs")
-        if self.timed:  # the budget falls from the measured latency to the target in ms
-            self.total, self.target = self.table0.base_ms, config.target / self.table0.base_ms
-        else:  # from the original MACs/params to the target fraction of them
-            self.total, self.target = baseline[config.target_kind], config.target
+        # the budget falls from the original model's MACs, params or measured latency to the target
+        base = self.table0.base_ms if self.timed else baseline[config.target_kind]
+        self.budgets = config.budget(base).schedule(base, config.rounds)
         self.ref_score = reference_score(fitness.metric, output_classes(model, example_inputs, score_y))
         self.state = ckpt.load(checkpoint_dir, fingerprint=self.space0.fingerprint, settings=self.settings) \
             if checkpoint_dir else None
@@ -138,22 +138,19 @@ class Search:
         """Round ``k``: its space, importance, evaluator and toolbox, and its first population, evaluated and
         recorded (or, resuming mid-round, the population and front the checkpoint holds)."""
         config, current = self.config, self.current
-        budget = self.total * self.target ** (k / config.rounds)
+        budget = self.budgets[k - 1]
         space = self.space0 if current is self.original else \
             PruningSpace.from_model(current, self.example_inputs, **self.space_kwargs)
         table = None if not self.timed else self.table0 if current is self.original else \
             self._latency_table(current, space)
         importance = channel_importance(current, space, self.example_inputs, config.importance, seed=config.seed + k)
         evaluator = Evaluator(current, space, self.score_x, self.score_y, self.recal_x, self.fitness, latency=table)
-        budgets = {"macs_budget": budget if config.target_kind == "macs" else None,
-                   "params_budget": budget if config.target_kind == "params" else None,
-                   "latency_budget": budget if self.timed else None}
         toolbox = register(base.Toolbox(), space, evaluator, p_c=config.p_c, p_mut=config.p_mut,
                            objective=config.objective, elites=config.elites, importance=importance,
                            crossover=config.crossover, mutation=config.mutation,
                            init="random" if config.method == "random" else config.init, latency=table,
-                           init_cut=init_cut(config), map=self.map, **budgets)
-        rnd = Round(k, current, space, budget, evaluator, toolbox, feasibility(space, **budgets), table,
+                           init_cut=init_cut(config), map=self.map, budget=budget)
+        rnd = Round(k, current, space, budget, evaluator, toolbox, table,
                     last_gen=config.generations if config.method == "ga" else 0)
         rnd.screen = evaluator.screening(config.screen) if config.screen < 1 else None
         state = self.state
@@ -230,8 +227,7 @@ class Search:
         and checkpoint; the pruned model is the next round's. Returns it."""
         config, fitness = self.config, self.fitness
         search_s = time.perf_counter() - rnd.t0
-        cost_budget = rnd.budget if config.target_kind in ("macs", "latency") else None
-        best, choice_score, pool = final_choice(rnd, cost_budget, config.final_pool, self.choose_x, self.choose_y)
+        best, choice_score, pool = final_choice(rnd, config.final_pool, self.choose_x, self.choose_y)
         plan = rnd.space.decode(best)
         report_score = curse_reference(rnd, plan, fitness, self.report, self.recal_x, self.example_inputs)
         pruned = apply_plan(rnd.model, plan, self.example_inputs, space=rnd.space)
@@ -256,7 +252,7 @@ class Search:
         base = self.result.baseline
         row = model_row(pruned, self.example_inputs, config)
         row.update({
-            "round": rnd.k, "budget": rnd.budget, "budget_kind": config.target_kind,
+            "round": rnd.k, "budget": rnd.budget.limit, "budget_kind": rnd.budget.kind,
             "search_score": best.fitness.values[0],
             "top1_pruned": top1_pruned, "top1": self.report(pruned) if self.report else None,
             "reduction_pct": 100.0 * (1 - row["params"] / base["params"]),
@@ -283,7 +279,7 @@ class Search:
         if self.verbose:
             status(f"evoprune: round {rnd.k}: {row['params'] / 1e6:.3f} M params, {row['macs'] / 1e6:.1f} MMACs "
                    f"({row['macs_pct']:.1f} %), "
-                   + (f"{row['latency_ms']:.3f} ms on {config.runtime} (budget {rnd.budget:.3f}), "
+                   + (f"{row['latency_ms']:.3f} ms on {config.runtime} (budget {rnd.budget.limit:.3f}), "
                       if self.timed else "")
                    + f"search score {row['search_score']:.4f}"
                    + (f", top-1 {row['top1']:.4f}" if row["top1"] is not None else ""))

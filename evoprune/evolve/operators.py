@@ -17,10 +17,13 @@ from deap import tools
 
 from ..errors import ConfigError
 from ..space.genome import Layout
+from .budget import Budget
 
 #: The names ``register(crossover=..., mutation=...)`` (and the CLI's --crossover, --mutation) choose from.
 CROSSOVERS = ("paper", "uniform")
 MUTATIONS = ("level", "mixed", "guided", "bitflip", "swap", "width")
+OBJECTIVES = ("budget", "nsga2", "topk")  # the selections: sel_budget, sel_nsga2, sel_topk
+INITS = ("importance", "random")  # the initialisations: init_importance, init_random
 
 
 # ---------------------------------------------------------------------------------------------------- crossover
@@ -358,14 +361,13 @@ def sel_topk(individuals, k: int):
     return sorted(individuals, key=lambda ind: (ind.fitness.values[0], -ind.fitness.values[1]), reverse=True)[:k]
 
 
-def sel_budget(individuals, k: int, budget: float):
-    """Budget mode: feasible individuals (cost <= budget: MACs, or ms with a latency objective) first, by accuracy
-    then lower cost; infeasible ones after every feasible one, least over budget first."""
-    def key(ind):
-        acc, macs = ind.fitness.values[:2]
-        feasible = macs <= budget
-        return (feasible, acc if feasible else -macs, -macs)
-    return sorted(individuals, key=key, reverse=True)[:k]
+def sel_budget(individuals, k: int, budget, space=None):
+    """Budget mode: feasible individuals first, by score then lower cost; infeasible ones after every feasible one,
+    least over the budget first. ``budget``: a :class:`~evoprune.evolve.budget.Budget` (``space`` counts a params
+    budget's cost), or a number compared with the fitness's cost (MACs, or ms with a latency table)."""
+    if not isinstance(budget, Budget):
+        budget = Budget("macs", budget)  # a bare limit on the fitness's cost, whatever its unit
+    return sorted(individuals, key=lambda ind: budget.rank(ind, space), reverse=True)[:k]
 
 
 def sel_nsga2(individuals, k: int):

@@ -13,7 +13,7 @@ from ..prune.bn import recalibrate_bn
 from ..netinfo import model_bytes
 from .fitness import Evaluator
 from ..deploy.latency import LatencyTable
-from .operators import sel_budget
+from .budget import Budget
 from ..deploy.runtime import measure as measure_latency
 from ..prune.slicing import slice_plan
 from ..space.pruning_space import PruningSpace
@@ -27,10 +27,9 @@ class Round:
     k: int
     model: nn.Module
     space: PruningSpace
-    budget: float
+    budget: Budget
     evaluator: Evaluator
     toolbox: base.Toolbox
-    feasible: Callable
     table: LatencyTable | None = None
     population: list = field(default_factory=list)
     front: tools.ParetoFront = field(default_factory=tools.ParetoFront)
@@ -40,6 +39,10 @@ class Round:
     t0: float = field(default_factory=time.perf_counter)
     screen: Callable | None = None  # the screening evaluator (screen < 1)
     screened: int = 0  # the children screened in the last generation
+
+    def feasible(self, individual) -> bool:
+        """Whether an evaluated individual fits the round's budget."""
+        return self.budget.feasible(individual, self.space)
 
 
 def model_row(model, example_inputs, config=None):
@@ -57,16 +60,6 @@ def model_row(model, example_inputs, config=None):
     return row
 
 
-def feasibility(space, macs_budget=None, params_budget=None, latency_budget=None):
-    def feasible(ind):
-        if latency_budget is not None:
-            return ind.fitness.values[1] <= latency_budget
-        if macs_budget is not None:
-            return ind.fitness.values[1] <= macs_budget
-        return space.cost_of(ind)[1] <= params_budget
-    return feasible
-
-
 def init_cut(config) -> float:
     """The share of residual units the initial plans cut: ``config.init_cut``, or by default 0.2 for a latency
     target (random search cuts as many; on ResNet-18 at batch 1 a block cut buys latency cheaply, B5) and 0
@@ -76,25 +69,22 @@ def init_cut(config) -> float:
     return 0.2 if config.target_kind == "latency" else 0.0
 
 
-def choose(candidates, feasible, cost_budget):
-    """The best plan under the target: the highest score among feasible plans (lower cost on ties)."""
-    ok = [ind for ind in candidates if feasible(ind)]
-    if ok:
-        return max(ok, key=lambda ind: (ind.fitness.values[0], -ind.fitness.values[1]))
-    return sel_budget(candidates, 1, cost_budget if cost_budget is not None else float("inf"))[0]
-
-
-def final_choice(rnd: Round, cost_budget, pool_size: int, choose_x=None, choose_y=None):
-    """(plan, its score on ``choose_x`` or None, the pool size): the best feasible plan by search score, or with
-    ``choose_x`` the best on it of the ``pool_size`` best distinct feasible plans (ties: the better search score).
-    Re-scoring on images the search never selected on undoes the winner's curse of a long search."""
+def final_choice(rnd, pool_size: int, choose_x=None, choose_y=None):
+    """(plan, its score on ``choose_x`` or None, the pool size): the best feasible plan by search score (lower cost on
+    ties), or with ``choose_x`` the best on it of the ``pool_size`` best distinct feasible plans (ties: the better
+    search score). Re-scoring on images the search never selected on undoes the winner's curse of a long search.
+    With no feasible plan, the one least over the budget. ``rnd``: anything with a ``population``, a ``front``, a
+    ``budget``, a ``space`` and an ``evaluator`` (a :class:`Round`)."""
+    candidates = rnd.population + list(rnd.front)
     ok = {}
-    for ind in sorted((i for i in rnd.population + list(rnd.front) if rnd.feasible(i)),
+    for ind in sorted((i for i in candidates if rnd.budget.feasible(i, rnd.space)),
                       key=lambda i: (i.fitness.values[0], -i.fitness.values[1]), reverse=True):
         ok.setdefault(tuple(ind), ind)
     pool = list(ok.values())[:pool_size]
+    if not pool:
+        return max(candidates, key=lambda i: rnd.budget.rank(i, rnd.space)), None, 1
     if choose_x is None or len(pool) < 2:
-        return choose(rnd.population + list(rnd.front), rnd.feasible, cost_budget), None, 1
+        return pool[0], None, 1
     scores = [rnd.evaluator.rescore(ind, choose_x, choose_y) for ind in pool]
     i = max(range(len(pool)), key=lambda j: (scores[j], -j))
     return pool[i], scores[i], len(pool)
@@ -113,4 +103,4 @@ def curse_reference(rnd: Round, plan, fitness, report, recal_x, example_inputs) 
     return report(net)
 
 
-__all__ = ["Round", "choose", "curse_reference", "feasibility", "final_choice", "init_cut", "model_row"]
+__all__ = ["Round", "curse_reference", "final_choice", "init_cut", "model_row"]

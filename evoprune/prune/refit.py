@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError, ModelError, PlanError
+from ..validators import check_int, is_number
 from .lsq import (REFIT_TYPES, add_bias, calibration_images, depthwise, device_of, input_rows, out_width, output_rows,
                   positions_of, solve)
 from ..space.plan import PruningPlan
@@ -82,13 +83,11 @@ def reconstruct(teacher: nn.Module, pruned: nn.Module, plan: PruningPlan, space:
     the fit (then all batches fit). ``report``: a list that gets one dict per refit layer (samples, unknowns,
     method, ridge). ``method="none"`` returns the model as it is. The teacher is never modified."""
     method = check_method(method)
-    if not isinstance(positions, int) or isinstance(positions, bool) or positions < 1:
-        raise ConfigError(f"positions must be an int >= 1, got {positions!r}")
-    if ridge != "auto" and not (isinstance(ridge, (int, float)) and not isinstance(ridge, bool) and ridge > 0
-                                and math.isfinite(ridge)):
-        raise ConfigError(f"ridge must be 'auto' or a positive number, got {ridge!r}")
-    if not (isinstance(min_samples, (int, float)) and not isinstance(min_samples, bool) and 0 <= min_samples < 1e9):
-        raise ConfigError(f"min_samples must be a number >= 0, got {min_samples!r}")
+    check_int("positions", positions)
+    if ridge != "auto" and not (is_number(ridge) and ridge > 0 and math.isfinite(ridge)):
+        raise ConfigError(f"must be 'auto' or a positive number, got {ridge!r}", setting="ridge")
+    if not (is_number(min_samples) and 0 <= min_samples < 1e9):
+        raise ConfigError(f"must be a number >= 0, got {min_samples!r}", setting="min_samples")
     if not isinstance(plan, PruningPlan):
         raise PlanError(f"reconstruct expects a PruningPlan, got {type(plan).__name__}")
     space.validate(plan)
