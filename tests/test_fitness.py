@@ -227,3 +227,38 @@ def test_cut_steps_distil_only_plans_that_cut_a_connection(setup):
         FitnessConfig(cut_steps=-1).check()
     with pytest.raises(ConfigError, match="cut_steps needs bn_recalibration"):
         FitnessConfig(cut_steps=5, bn_recalibration=False).check()
+
+
+@pytest.mark.parametrize("config", [FitnessConfig(mode="physical"), FitnessConfig(mode="masked"),
+                                    FitnessConfig(reconstruct="lsq", calib_images=64)])
+def test_a_plan_is_resolved_once_per_fitness_call(setup, monkeypatch, config):
+    """The slicing (or masking) and the refit share one resolution of the plan: the cut units and kept channels are
+    worked out once per scored plan, on every path."""
+    model, space, imp, x, y, recal = setup
+    resolved = []
+    real = PruningSpace.resolve
+
+    def counting(self, plan):
+        if not hasattr(plan, "units"):  # a PruningPlan, not an already resolved one
+            resolved.append(plan)
+        return real(self, plan)
+    monkeypatch.setattr(PruningSpace, "resolve", counting)
+    ev = Evaluator(model, space, x, y, recal, config)
+    ev(uniform(space, imp, 0.5, ("features.3",)))
+    assert len(resolved) == 1
+
+
+def test_a_resolved_plan_prunes_as_the_plan_does(setup):
+    """space.resolve(plan): the cut units, the channels kept once a cut hands its input on, and the same model from
+    slice_plan, apply_plan and the cost, whether they get the plan or its resolution."""
+    from evoprune import apply_plan, slice_plan
+    model, space, imp, x, y, recal = setup
+    plan = space.decode(uniform(space, imp, 0.5, ("features.3",)))
+    r = space.resolve(plan)
+    assert [u.name for u in r.units] == ["features.3"] and space.resolve(r) is r
+    assert not r.alive("features.3") and r.alive(space.groups[0].members[0])
+    assert space.cost(r) == space.cost(plan)
+    with torch.no_grad():
+        want = slice_plan(model, plan, space)(x[:8])
+        for net in (slice_plan(model, r, space), apply_plan(model, r, x[:1], space=space)):
+            assert torch.allclose(net.eval()(x[:8]), want, atol=1e-5)

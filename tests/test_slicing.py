@@ -3,6 +3,8 @@ cuts), the sliced model must be apply_plan's model exactly (module tree, attribu
 its tensors and leave the input model untouched; modules it does not handle take the apply_plan path."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -13,8 +15,8 @@ import evoprune.prune.slicing
 import evoprune.space.graph
 import test_space as ts
 from evoprune import ModelError, PlanError, PruningPlan, PruningSpace, apply_plan
-from evoprune.prune.slicing import slice_plan, structure_copy
-from evoprune.prune.surgery import _structure_copy
+from evoprune.prune.copying import structure_copy, tensors
+from evoprune.prune.slicing import slice_plan
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -93,12 +95,12 @@ def test_slice_every_unit_cut_and_full_plan(which, randomize_bn, state_guard):
 
 
 def test_structure_copy_is_deepcopy_sharing_tensors(family):
-    """The fast structure copy against copy.deepcopy (with tensors shared, as surgery._structure_copy): same module
+    """The fast structure copy against copy.deepcopy with the tensors shared (its definition): same module
     classes and attributes, the same tensors, and no mutable state shared with the original."""
     model = family.model
     handle = model.register_forward_hook(lambda m, args, out: None)  # hooks are copied too
     try:
-        got, want = structure_copy(model), _structure_copy(model)
+        got, want = structure_copy(model), copy.deepcopy(model, memo={id(t): t for t in tensors(model)})
     finally:
         handle.remove()
     originals = dict(model.named_modules())

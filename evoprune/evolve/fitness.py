@@ -306,6 +306,7 @@ class _Worker:
         if mode == "auto":
             mode = "physical" if macs < self.cfg.physical_below * self.space.base_macs else "masked"
         steps = self.cfg.finetune_steps or (self.cfg.cut_steps if plan.cut else 0)
+        plan = self.space.resolve(plan)  # once: the slicing, the refit and the masking share it
         if self.cfg.reconstruct == "lsq":  # the refit targets the unpruned model's BN statistics: no re-calibration
             if self.grams is None:
                 self.grams = TeacherGrams.collect(self.model, self.space,

@@ -17,7 +17,7 @@ from .lsq import (REFIT_TYPES, add_bias, calibration_images, device_of, input_ro
                   taps)
 from ..space.plan import PruningPlan
 from .slicing import channel_maps
-from ..space.pruning_space import PruningSpace
+from ..space.pruning_space import PruningSpace, ResolvedPlan
 
 
 # ---------------------------------------------------------------------------------------------- the cheap variant
@@ -74,7 +74,8 @@ class TeacherGrams:
             grams[name] = (live, g[live][:, live].contiguous())
         return cls(grams, ridge)
 
-    def refit(self, teacher: nn.Module, net: nn.Module, plan: PruningPlan, space: PruningSpace) -> nn.Module:
+    def refit(self, teacher: nn.Module, net: nn.Module, plan: PruningPlan | ResolvedPlan,
+              space: PruningSpace) -> nn.Module:
         """Refit, in place, every layer of ``net`` (``slice_plan(teacher, plan, space)``) whose inputs lost channels,
         from the teacher's inputs at the kept channels. Returns ``net``."""
         t_modules, modules = dict(teacher.named_modules()), dict(net.named_modules())

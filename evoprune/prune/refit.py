@@ -48,7 +48,7 @@ from .lsq import (REFIT_TYPES, add_bias, calibration_images, depthwise, device_o
                   positions_of, solve)
 from ..space.plan import PruningPlan
 from .slicing import channel_maps
-from ..space.pruning_space import PruningSpace
+from ..space.pruning_space import PruningSpace, ResolvedPlan
 
 METHODS = ("none", "bias", "lsq")
 RIDGES = (1e-3, 1e-2, 1e-1, 1.0)  # ridge="auto" picks one per layer on held-out calibration batches
@@ -88,9 +88,10 @@ def reconstruct(teacher: nn.Module, pruned: nn.Module, plan: PruningPlan, space:
         raise ConfigError(f"must be 'auto' or a positive number, got {ridge!r}", setting="ridge")
     if not (is_number(min_samples) and 0 <= min_samples < 1e9):
         raise ConfigError(f"must be a number >= 0, got {min_samples!r}", setting="min_samples")
-    if not isinstance(plan, PruningPlan):
+    if not isinstance(plan, (PruningPlan, ResolvedPlan)):
         raise PlanError(f"reconstruct expects a PruningPlan, got {type(plan).__name__}")
     space.validate(plan)
+    plan = space.resolve(plan)
     images = calibration_images(batches, space)
     net = pruned if inplace else copy.deepcopy(pruned)
     if method == "none":
@@ -123,7 +124,7 @@ def _changed_layers(teacher, net, plan, space, probe) -> list[_Layer]:
     """The conv/linear layers to refit, in the order the pruned network runs them."""
     t_modules, modules = dict(teacher.named_modules()), dict(net.named_modules())
     maps = channel_maps(teacher, plan, space)
-    cut = {name for u in space.cut_units(plan) for name in u.modules}
+    cut = set(space.resolve(plan).cut_modules)
     order: list[str] = []
     calls: dict[str, int] = {}
 

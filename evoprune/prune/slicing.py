@@ -8,10 +8,7 @@ result is the one ``apply_plan`` returns (same modules, names, shapes, values an
 """
 from __future__ import annotations
 
-import copy
-import types
 import weakref
-from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -19,8 +16,9 @@ import torch.nn as nn
 
 from ..errors import ModelError, PlanError
 from ..space.plan import PruningPlan
-from ..space.pruning_space import PruningSpace
-from .surgery import _own_tensors, _swap, _tensors, apply_plan
+from ..space.pruning_space import PruningSpace, ResolvedPlan
+from .copying import own_tensors, structure_copy, swap
+from .surgery import apply_plan
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # exact types: no ConvTranspose, no subclasses
 _LINEARS = (nn.Linear,)
@@ -35,7 +33,7 @@ _RECORDED = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm
              nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.Embedding)
 
 
-def slice_plan(model: nn.Module, plan: PruningPlan, space: PruningSpace, *, validate: bool = True,
+def slice_plan(model: nn.Module, plan: PruningPlan | ResolvedPlan, space: PruningSpace, *, validate: bool = True,
                strict: bool = False, example_inputs: torch.Tensor | None = None) -> nn.Module:
     """A physically pruned copy of ``model``, equal to ``apply_plan(model, plan, x, space=space)``, built by slicing.
 
@@ -61,30 +59,30 @@ def slice_plan(model: nn.Module, plan: PruningPlan, space: PruningSpace, *, vali
 
     ``validate=False`` skips :meth:`PruningSpace.validate` for a caller that has validated ``plan`` already (a
     decoded individual). As with torch-pruning, every sliced parameter is a fresh ``nn.Parameter`` (requires_grad
-    True, gradient sliced along); untouched tensors are copied as they are.
+    True, gradient sliced along); untouched tensors are copied as they are. ``plan`` may be the space's
+    :meth:`~PruningSpace.resolve` of it, which the caller then shares with the refit.
     """
     if validate:
-        if not isinstance(plan, PruningPlan):
+        if not isinstance(plan, (PruningPlan, ResolvedPlan)):
             raise PlanError(f"slice_plan expects a PruningPlan, got {type(plan).__name__}")
         space.validate(plan)
-    cut = space.cut_units(plan)
-    alive = space.alive(plan)
+    resolved = space.resolve(plan)
+    plan = resolved.plan
     modules = dict(model.named_modules())
-    drops = _drops(space, plan, alive, modules)
+    drops = _drops(space, resolved, modules)
     reason = _unsliceable(drops, modules)
     if reason is not None:
         if strict:
             raise ModelError(f"slice_plan cannot slice this plan: {reason}; apply_plan can")
         return _fallback(model, plan, space, example_inputs)
     pruned = structure_copy(model)
-    for unit in cut:
-        for name in unit.modules:
-            _swap(pruned, name, nn.Identity())
+    for name in resolved.cut_modules:
+        swap(pruned, name, nn.Identity())
     new = dict(pruned.named_modules())
     with torch.no_grad():
         for name, (out_drop, in_drop) in drops.items():
             _slice(new[name], out_drop, in_drop)
-    _own_tensors(pruned, model)
+    own_tensors(pruned, model)
     pruned.train(model.training)  # as apply_plan: the Identity modules, and every submodule, take the root's mode
     return pruned
 
@@ -119,56 +117,6 @@ def _depthwise(m) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- the copy
-_ATOMIC = frozenset({type(None), bool, int, float, complex, str, bytes, type, range, types.FunctionType,
-                     types.BuiltinFunctionType, torch.dtype, torch.device, torch.layout, torch.memory_format})
-
-
-def _plain(cls) -> bool:
-    """Whether ``copy.deepcopy`` copies instances of this module class by the default protocol (new object,
-    ``__getstate__`` of nn.Module, state deep-copied, ``__setstate__``), which :func:`structure_copy` replays."""
-    return (getattr(cls, "__deepcopy__", None) is None and cls.__reduce_ex__ is object.__reduce_ex__
-            and cls.__reduce__ is object.__reduce__ and cls.__getstate__ is nn.Module.__getstate__
-            and cls.__setstate__ in (nn.Module.__setstate__, nn.modules.conv._ConvNd.__setstate__)
-            and not issubclass(cls, (list, dict)))
-
-
-def structure_copy(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy(model)`` except that parameters and buffers are SHARED (as ``surgery._structure_copy``),
-    several times faster: a module's state is mostly ints, tuples and empty hook dicts, which ``deepcopy`` walks one
-    reduce at a time. Atomic values and flat containers of them are copied directly, modules of plain classes
-    recursively, anything else (and modules with their own copy protocol) by ``copy.deepcopy`` with the same memo,
-    so shared objects stay shared exactly as ``deepcopy`` would leave them."""
-    memo = {id(t): t for t in _tensors(model)}
-
-    def value(v):
-        t = type(v)
-        if t in _ATOMIC:
-            return v
-        hit = memo.get(id(v))
-        if hit is not None:
-            return hit
-        if isinstance(v, nn.Module):
-            return module(v) if _plain(t) else copy.deepcopy(v, memo)
-        if t is tuple and all(type(e) in _ATOMIC for e in v):
-            return v  # what deepcopy returns for a tuple of atoms
-        if t in (dict, OrderedDict):
-            y = memo[id(v)] = t()
-            for k, x in v.items():
-                y[value(k)] = value(x)
-            return y
-        if t in (list, set) and all(type(e) in _ATOMIC for e in v):
-            y = memo[id(v)] = t(v)
-            return y
-        return copy.deepcopy(v, memo)
-
-    def module(m):
-        new = memo[id(m)] = type(m).__new__(type(m))
-        new.__setstate__({k: value(v) for k, v in m.__getstate__().items()})
-        return new
-
-    return value(model)
-
-
 # ---------------------------------------------------------------------------------------------- index maps
 _MAPS: "weakref.WeakKeyDictionary[PruningSpace, list]" = weakref.WeakKeyDictionary()
 
@@ -189,11 +137,11 @@ def _index_maps(space: PruningSpace):
     return maps
 
 
-def _drops(space, plan, alive, modules):
+def _drops(space, resolved: ResolvedPlan, modules):
     """``{module: (dropped output idxs, dropped input idxs)}`` over every surviving producer and consumer of the
     groups that lose channels (after cut sequential units hand their input group on)."""
     maps = _index_maps(space)
-    kept = space.effective_kept(plan)
+    kept, alive = resolved.kept, resolved.alive
     out: dict[str, tuple[set, set]] = {}
     for g, (prod, cons) in zip(space.groups, maps):
         keep = kept[g.name]
@@ -218,11 +166,11 @@ def _drops(space, plan, alive, modules):
     return out
 
 
-def channel_maps(model: nn.Module, plan: PruningPlan, space: PruningSpace) -> dict[str, tuple[set, set]]:
+def channel_maps(model: nn.Module, plan: PruningPlan | ResolvedPlan, space: PruningSpace) -> dict[str, tuple[set, set]]:
     """``{module: (dropped output indices, dropped input indices)}``, in ``model``'s (the unpruned model's) index
     space, for every surviving module whose outputs or inputs lose channels under ``plan``: which teacher channel
     each channel of the pruned model is."""
-    return _drops(space, plan, space.alive(plan), dict(model.named_modules()))
+    return _drops(space, space.resolve(plan), dict(model.named_modules()))
 
 
 def _out_width(m):

@@ -7,7 +7,6 @@ inputs of their consumers, in place and reversibly, so that a plan can be scored
 from __future__ import annotations
 
 import contextlib
-import copy
 from typing import Iterator
 
 import numpy as np
@@ -17,19 +16,8 @@ import torch.nn as nn
 from ..space import graph
 from ..errors import ModelError, PlanError
 from ..space.plan import PruningPlan
-from ..space.pruning_space import PruningSpace
-
-
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent_name, _, attr = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), attr
-
-
-def _swap(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    parent, attr = _parent(model, name)
-    old = parent._modules[attr]
-    parent._modules[attr] = new
-    return old
+from ..space.pruning_space import PruningSpace, ResolvedPlan
+from .copying import own_tensors, structure_copy, swap
 
 
 def _space_for(model, plan, example_inputs, space) -> PruningSpace:
@@ -42,22 +30,24 @@ def _space_for(model, plan, example_inputs, space) -> PruningSpace:
     return space
 
 
-def apply_plan(model: nn.Module, plan: PruningPlan, example_inputs: torch.Tensor, *,
+def apply_plan(model: nn.Module, plan: PruningPlan | ResolvedPlan, example_inputs: torch.Tensor, *,
                space: PruningSpace | None = None) -> nn.Module:
     """A physically pruned copy of ``model``. The input model is left untouched.
 
     The plan is validated first (:class:`PlanError` before any work). Pass the ``space`` you decoded the plan with
-    to skip rediscovering it.
+    to skip rediscovering it (and ``plan`` may then be its :meth:`~PruningSpace.resolve` of the plan).
     """
+    if isinstance(plan, ResolvedPlan):
+        space, plan = space or plan.space, plan.plan
     if not isinstance(plan, PruningPlan):
         raise PlanError(f"apply_plan expects a PruningPlan, got {type(plan).__name__}")
     space = _space_for(model, plan, example_inputs, space)
-    pruned = _structure_copy(model)
+    resolved = space.resolve(plan)
+    pruned = structure_copy(model)
     was_training = pruned.training
-    alive = space.alive(plan)
-    for unit in space.cut_units(plan):
-        for name in unit.modules:
-            _swap(pruned, name, nn.Identity())
+    alive = resolved.alive
+    for name in resolved.cut_modules:
+        swap(pruned, name, nn.Identity())
     modules = dict(pruned.named_modules())
     dg = graph.build(pruned, example_inputs).graph  # survives what torch-pruning cannot map (see space/graph.py)
     for g in space.groups:
@@ -73,36 +63,14 @@ def apply_plan(model: nn.Module, plan: PruningPlan, example_inputs: torch.Tensor
         pruner = dg.get_pruner_of_module(root)
         group = dg.get_pruning_group(root, pruner.prune_out_channels, removed)
         group.prune()
-    _own_tensors(pruned, model)
+    own_tensors(pruned, model)
     pruned.train(was_training)
     return pruned
 
 
-def _tensors(model: nn.Module):
-    return list(model.parameters()) + list(model.buffers())
-
-
-def _structure_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of the modules that still SHARES the parameter and buffer tensors. torch-pruning replaces every
-    tensor it prunes with a new one (index_select), so copying them all first would be wasted: most are about to
-    be thrown away. :func:`_own_tensors` then clones the ones pruning left shared."""
-    return copy.deepcopy(model, memo={id(t): t for t in _tensors(model)})
-
-
-def _own_tensors(pruned: nn.Module, original: nn.Module) -> None:
-    """Replace every tensor of ``pruned`` that still shares memory with ``original`` by a copy."""
-    shared = {t.untyped_storage().data_ptr() for t in _tensors(original) if t.numel()}
-    for module in pruned.modules():
-        for name, p in list(module._parameters.items()):
-            if p is not None and p.numel() and p.untyped_storage().data_ptr() in shared:
-                module._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
-        for name, b in list(module._buffers.items()):
-            if b is not None and b.numel() and b.untyped_storage().data_ptr() in shared:
-                module._buffers[name] = b.clone()
-
-
 @contextlib.contextmanager
-def masked(model: nn.Module, plan: PruningPlan, space: PruningSpace, *, validate: bool = True) -> Iterator[nn.Module]:
+def masked(model: nn.Module, plan: PruningPlan | ResolvedPlan, space: PruningSpace, *,
+           validate: bool = True) -> Iterator[nn.Module]:
     """Evaluate ``model`` as if pruned by ``plan``, without copying it.
 
     Inside the block, cut units are bypassed and every consumer of a removed channel sees zero on that input. In eval
@@ -111,8 +79,8 @@ def masked(model: nn.Module, plan: PruningPlan, space: PruningSpace, *, validate
     """
     if validate:
         space.validate(plan)
-    kept = space.effective_kept(plan)
-    alive = space.alive(plan)
+    resolved = space.resolve(plan)
+    kept, alive = resolved.kept, resolved.alive
     modules = dict(model.named_modules())
     masks: dict[str, tuple[int, torch.Tensor]] = {}
     for g in space.groups:
@@ -133,13 +101,12 @@ def masked(model: nn.Module, plan: PruningPlan, space: PruningSpace, *, validate
     try:
         for name, (dim, mask) in masks.items():
             handles.append(modules[name].register_forward_pre_hook(_mask_hook(dim, mask)))
-        for unit in space.cut_units(plan):
-            for name in unit.modules:
-                swapped.append((name, _swap(model, name, nn.Identity())))
+        for name in resolved.cut_modules:
+            swapped.append((name, swap(model, name, nn.Identity())))
         yield model
     finally:
         for name, old in reversed(swapped):
-            _swap(model, name, old)
+            swap(model, name, old)
         for h in handles:
             h.remove()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -28,6 +29,30 @@ from ..errors import ConfigError, ModelError, PlanError
 from .genome import Layout
 from ..netinfo import check_finite
 from .plan import PruningPlan, validate
+
+
+@dataclass(frozen=True, eq=False)
+class ResolvedPlan:
+    """A plan of one space, resolved once (:meth:`PruningSpace.resolve`): ``units``, the outermost connection units
+    it cuts, in network order; ``kept``, the channels each group keeps once cut sequential units hand their input
+    channels on; :meth:`alive`, whether a module is still in the network."""
+
+    plan: PruningPlan
+    space: "PruningSpace"
+    units: tuple[ConnectionUnit, ...]
+    kept: dict[str, tuple[int, ...]]
+
+    def alive(self, module: str) -> bool:
+        return not any(u.contains(module) for u in self.units)
+
+    @property
+    def widths(self) -> dict[str, int]:
+        return {name: len(k) for name, k in self.kept.items()}
+
+    @property
+    def cut_modules(self) -> tuple[str, ...]:
+        """The modules the cut units replace by ``nn.Identity``, in network order."""
+        return tuple(name for u in self.units for name in u.modules)
 
 
 class PruningSpace:
@@ -132,14 +157,25 @@ class PruningSpace:
 
     def validate(self, plan: PruningPlan) -> None:
         """Raise :class:`PlanError` naming the group and the problem, before torch-pruning ever sees the plan."""
-        validate(self, plan)
+        validate(self, plan.plan if isinstance(plan, ResolvedPlan) else plan)
 
     # ------------------------------------------------------------------ effective plan
-    def cut_units(self, plan: PruningPlan) -> tuple[ConnectionUnit, ...]:
-        """The outermost units the plan cuts (a unit nested in a cut unit goes with it), in network order."""
+    def resolve(self, plan: "PruningPlan | ResolvedPlan") -> "ResolvedPlan":
+        """The plan as this space resolves it, worked out once: the units it cuts, the channels each group keeps
+        once cut sequential units hand their input channels on, and which modules stay in the network. The
+        surgery, the slicing, the masking and the refit take the result in place of the plan, so that a plan on the
+        fitness path is resolved once. (Not validated: :meth:`validate` first.)"""
+        if isinstance(plan, ResolvedPlan):
+            return plan if plan.space is self else self.resolve(plan.plan)
         cut = set(plan.cut)
         flags = np.array([u.name in cut for u in self.units], bool)
-        return tuple(u for u, o in zip(self.units, self._outermost(flags)) if o)
+        units = tuple(u for u, o in zip(self.units, self._outermost(flags)) if o)
+        kept = {g.name: tuple(plan.groups.get(g.name, range(g.size))) for g in self.groups}
+        for u in units:  # network order, so chains of cuts resolve front to back
+            if u.kind == "sequential":
+                kept[u.out_group] = kept[u.in_group] if u.in_group is not None else \
+                    tuple(range(self.group(u.out_group).size))
+        return ResolvedPlan(plan, self, units, kept)
 
     def _outermost(self, cut: np.ndarray) -> np.ndarray:
         """Of the units flagged in ``cut``, those not nested inside another cut unit."""
@@ -147,23 +183,21 @@ class PruningSpace:
             return cut
         return cut & ~self._nested[:, cut].any(axis=1)
 
-    def effective_kept(self, plan: PruningPlan) -> dict[str, tuple[int, ...]]:
+    def cut_units(self, plan) -> tuple[ConnectionUnit, ...]:
+        """The outermost units the plan cuts (a unit nested in a cut unit goes with it), in network order."""
+        return self.resolve(plan).units
+
+    def effective_kept(self, plan) -> dict[str, tuple[int, ...]]:
         """Kept indices per group once cut sequential units hand their input channels on to their consumers."""
-        kept = {g.name: tuple(plan.groups.get(g.name, range(g.size))) for g in self.groups}
-        for u in self.cut_units(plan):  # network order, so chains of cuts resolve front to back
-            if u.kind == "sequential":
-                kept[u.out_group] = kept[u.in_group] if u.in_group is not None else \
-                    tuple(range(self.group(u.out_group).size))
-        return kept
+        return self.resolve(plan).kept
 
-    def alive(self, plan: PruningPlan):
+    def alive(self, plan):
         """``alive(module_name)``: whether a module is still in the network once the plan's cut units are bypassed."""
-        cut = self.cut_units(plan)
-        return lambda module: not any(u.contains(module) for u in cut)
+        return self.resolve(plan).alive
 
-    def widths(self, plan: PruningPlan) -> dict[str, int]:
+    def widths(self, plan) -> dict[str, int]:
         """Channels each group keeps (Table 5 of the paper), after connection cuts."""
-        return {name: len(k) for name, k in self.effective_kept(plan).items()}
+        return self.resolve(plan).widths
 
     # ------------------------------------------------------------------ cost
     @property
@@ -173,9 +207,10 @@ class PruningSpace:
             raise ModelError("this space was built with with_cost=False; rebuild it to compute costs")
         return self._cost
 
-    def cost(self, plan: PruningPlan, *, validate: bool = True) -> tuple[float, int]:
-        """``(macs, params)`` of the model pruned by ``plan``, without running it. Equal to
-        ``torch_pruning.utils.count_ops_and_params`` on ``apply_plan(model, plan, example_inputs)``."""
+    def cost(self, plan, *, validate: bool = True) -> tuple[float, int]:
+        """``(macs, params)`` of the model pruned by ``plan`` (or one :meth:`resolve` returned), without running it.
+        Equal to ``torch_pruning.utils.count_ops_and_params`` on ``apply_plan(model, plan, example_inputs)``."""
+        plan = plan.plan if isinstance(plan, ResolvedPlan) else plan
         if validate:
             self.validate(plan)
         counts = [len(plan.groups.get(g.name, range(g.size))) for g in self.groups]
@@ -207,4 +242,4 @@ class PruningSpace:
         return self.cost_from_counts(self.layout.kept_counts(genes), self.layout.active_connections(genes))
 
 
-__all__ = ["PruningSpace", "ChannelGroup", "ConnectionUnit", "Consumer", "Producer"]
+__all__ = ["PruningSpace", "ResolvedPlan", "ChannelGroup", "ConnectionUnit", "Consumer", "Producer"]
