@@ -90,6 +90,49 @@ def _trained_tiny(n_train: int, n_val: int, *, data_seed: int, epochs: int):
     return model.eval(), data
 
 
+def _check_round_files(out, k: int = 1) -> None:
+    """What a prune run claims for round ``k`` is what it wrote: ``round{k}.pt`` and ``round{k}.pt2`` load and
+    compute the same logits, with the parameter count that ``round{k}.json`` and ``report.json`` report."""
+    import json
+    from pathlib import Path
+    out = Path(out)
+    card = json.loads((out / f"round{k}.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    row = next(r for r in report["rows"] if r["round"] == k)
+    model = torch.load(out / f"round{k}.pt", weights_only=False).eval()
+    program = torch.export.load(str(out / f"round{k}.pt2")).module()
+    params = sum(p.numel() for p in model.parameters())
+    assert params == card["params"] == row["params"] < report["baseline"]["params"]
+    x = torch.randn(2, *card["input_shape"][1:])
+    with torch.no_grad():
+        assert torch.allclose(program(x), model(x), atol=1e-4)
+    assert 0.0 <= row["top1"] <= 1.0 and "report.md" in {p.name for p in out.iterdir()}
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """``evoprune demo --quick`` run once for the whole session, under umask 022, its output captured:
+    ``(exit code, stdout, stderr, out dir)``. Tests read it and never write into its folder."""
+    import contextlib
+    import io
+    import os
+    from evoprune.cli import main
+    out = tmp_path_factory.mktemp("demo") / "run"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    before = os.umask(0o022)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = main(["demo", "--quick", "--out", str(out)])
+    finally:
+        os.umask(before)
+    return code, stdout.getvalue(), stderr.getvalue(), out
+
+
+@pytest.fixture(scope="session")
+def check_round_files():
+    return _check_round_files
+
+
 @pytest.fixture(scope="session")
 def trained_tiny():
     return _trained_tiny

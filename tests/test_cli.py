@@ -61,11 +61,9 @@ def saved_tiny(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """``evoprune demo --quick`` run once for the module: (exit code, stdout, stderr, out dir)."""
-    out = tmp_path_factory.mktemp("demo") / "run"
-    code = main(["demo", "--quick", "--out", str(out)])
-    return code, out
+def demo(demo_run):
+    """The session's ``evoprune demo --quick`` run: (exit code, out dir)."""
+    return demo_run[0], demo_run[3]
 
 
 # ------------------------------------------------------------------------------------------------ end to end
@@ -84,12 +82,11 @@ def test_demo_writes_every_report_file(demo):
     assert (out / "logbook.csv").read_text().splitlines()[0].startswith("round,gen,evals")
 
 
-def test_demo_prints_a_summary(tmp_path, capsys):
-    code, out, err = run(capsys, "demo", "--quick", "--out", tmp_path / "demo", "--seed", "1")
+def test_demo_prints_a_summary(demo_run):
+    code, out, err, folder = demo_run
     assert code == 0
     assert "baseline: top-1" in out and "final   : top-1" in out and "MMACs" in out and "params (-" in out
-    assert str(tmp_path / "demo") in out
-    assert (tmp_path / "demo" / "report.md").is_file()
+    assert str(folder) in out and (folder / "report.md").is_file()
 
 
 def test_prune_arch_tiny_on_an_imagefolder(imagefolder, tmp_path, capsys):
@@ -317,13 +314,15 @@ def test_weights_of_another_architecture_exit_1(imagefolder, tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------ help
 
 def subparsers() -> dict[str, argparse.ArgumentParser]:
-    parser = cli_parser.build_parser()
-    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return dict(action.choices)
+    return dict(cli_parser.build_parser().commands)
 
 
-def test_every_subcommand_is_there():
-    assert set(subparsers()) == set(SUBCOMMANDS)
+def test_the_top_level_help_lists_every_subcommand_and_an_unknown_one_is_refused(capsys):
+    code, out, err = run(capsys, "--help")
+    assert code == 0 and all(name in out for name in SUBCOMMANDS)
+    code, out, err = run(capsys, "prun")
+    assert code == 2 and "Traceback" not in err
+    assert "invalid choice: 'prun'" in error_lines(err)[0] and all(name in err for name in SUBCOMMANDS)
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)

@@ -50,7 +50,7 @@ def assert_clean(proc: subprocess.CompletedProcess) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("scoop", [False, True], ids=["serial", "scoop"])
-def test_vgg16_example_smoke(cifar_like, tmp_path, scoop):
+def test_vgg16_example_smoke(cifar_like, tmp_path, scoop, check_round_files):
     data, weights = cifar_like
     out = tmp_path / "run"
     proc = run_script([EXAMPLES / "vgg16_cifar.py", "--data", data, "--weights", weights, "--out", out, *TINY_FLAGS],
@@ -58,6 +58,7 @@ def test_vgg16_example_smoke(cifar_like, tmp_path, scoop):
     output = assert_clean(proc)
     for name in ROUND_FILES:
         assert (out / name).is_file(), f"{name} missing; output:\n{output[-3000:]}"
+    check_round_files(out, 1)
     assert "final   : top-1" in output
 
 

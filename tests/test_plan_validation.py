@@ -297,8 +297,19 @@ def test_non_plans_are_plan_errors(small):
             apply_plan(small.model, bad, small.x, space=small.space)
 
 
-def test_all_errors_share_the_base_class():
-    assert issubclass(PlanError, EvoPruneError) and issubclass(PlanError, ValueError)
+def test_one_except_clause_catches_every_refusal(small):
+    """A caller catches whatever evoprune refuses with ``except EvoPruneError`` (and a bad value with ValueError,
+    as for any Python API), here a plan, a setting and a model that evoprune turns down."""
+    from evoprune import PruningSpace, SearchConfig
+    refusals = [lambda: small.space.validate(None), lambda: SearchConfig(population=1).check(),
+                lambda: PruningSpace.from_model(small.model, torch.zeros(1, 5, 8, 8))]
+    for refuse in refusals:
+        with pytest.raises(EvoPruneError) as caught:
+            refuse()
+        assert str(caught.value)
+    for refuse in refusals[:2]:
+        with pytest.raises(ValueError):
+            refuse()
 
 
 _calls = [0]

@@ -48,15 +48,9 @@ def error_lines(err: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """``evoprune demo --quick`` under umask 022: (exit code, stdout, stderr, out dir)."""
-    out = tmp_path_factory.mktemp("demo") / "run"
-    before = os.umask(0o022)
-    try:
-        code, stdout, stderr = run_main("demo", "--quick", "--out", out)
-    finally:
-        os.umask(before)
-    return code, stdout, stderr, out
+def demo(demo_run):
+    """The session's ``evoprune demo --quick`` run (under umask 022): (exit code, stdout, stderr, out dir)."""
+    return demo_run
 
 
 # ------------------------------------------------------------------------------------------------ the demo
