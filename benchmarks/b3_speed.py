@@ -105,8 +105,10 @@ def overhead(model, space, imp, x, repeat):
     """GA bookkeeping per evaluation (variation, repair, decode, cost, surgery) vs the bare forward it feeds."""
     ranks_map = to_ranks(imp)
     ranks = [ranks_map[g.name] for g in space.groups]
+    random.seed(0)
+    np.random.seed(0)
     tb = register(__import__("deap").base.Toolbox(), space, lambda ind: (0.0, 0.0), objective="budget",
-                  macs_budget=0.5 * space.base_macs, importance=imp, seed=0)
+                  macs_budget=0.5 * space.base_macs, importance=imp)
     parents = [tb.repair(tb.individual())[0] for _ in range(6)]
     for p in parents:
         p.fitness.values = (0.5, 1.0)

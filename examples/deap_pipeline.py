@@ -9,6 +9,7 @@ keep with NSGA-II (score up, MACs down), prints the Pareto front (the hall of fa
 model with the chosen plan and exports it (``best.pt``, ``best.pt2``, ``best.onnx`` with the onnx extra, ``best.json``).
 """
 import argparse
+import random
 import sys
 from pathlib import Path
 
@@ -67,9 +68,11 @@ def main(argv=None) -> int:
     evaluator = evoprune.Evaluator(model, space, score_x, score_y, recal_x)
 
     # 3. Your own DEAP toolbox; evoprune registers individual, population, mate, mutate, select, evaluate, map.
+    #    register seeds nothing: DEAP's operators draw from Python's random module, seeded here as DEAP's examples do.
+    random.seed(args.seed)
     toolbox = base.Toolbox()
     evoprune.register(toolbox, space, evaluator, objective="nsga2",
-                      importance=channel_importance(model, space, example), seed=args.seed)
+                      importance=channel_importance(model, space, example))
     pop = toolbox.population(n=args.mu)  # already repaired (min_keep, round_to, budget), like every offspring
 
     stats = tools.Statistics(lambda ind: ind.fitness.values)

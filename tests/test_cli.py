@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from evoprune.cli import main as cli, parser as cli_parser, options, sources
+from evoprune.cli import commands as cli, parser as cli_parser, options, sources
 from evoprune import SearchConfig
 from evoprune.cli.commands import main
 from evoprune.models import load_weights, tiny_cnn
@@ -68,6 +68,7 @@ def demo(demo_run):
 
 # ------------------------------------------------------------------------------------------------ end to end
 
+@pytest.mark.slow
 def test_demo_writes_every_report_file(demo):
     code, out = demo
     assert code == 0
@@ -101,6 +102,7 @@ def test_prune_arch_tiny_on_an_imagefolder(imagefolder, tmp_path, capsys):
     assert "final   : top-1" in out
 
 
+@pytest.mark.slow
 def test_prune_knapsack_with_a_kl_fitness_and_a_final_choice(imagefolder, tmp_path, capsys):
     """--method knapsack --metric kl: one evaluation, a label-free fitness; the rest of val's search half chooses,
     and the report says so."""
@@ -116,6 +118,7 @@ def test_prune_knapsack_with_a_kl_fitness_and_a_final_choice(imagefolder, tmp_pa
     assert "hamming" in header and "distinct" in header
 
 
+@pytest.mark.slow
 def test_prune_with_a_given_normalization_records_it(imagefolder, tmp_path, capsys):
     """--normalize MEAN/STD: the job scores, fine-tunes and reports with it, and the model card says so."""
     code, out, err = run(capsys, "prune", "--arch", "tiny", "--data", imagefolder, "--out", tmp_path / "run",
@@ -350,6 +353,7 @@ def test_top_level_help_and_version(capsys):
     assert code == 0 and out.startswith("evoprune ")
 
 
+@pytest.mark.slow
 def test_python_dash_m_evoprune_help():
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run([sys.executable, "-m", "evoprune", "--help"], capture_output=True, text=True, env=env,
@@ -527,6 +531,7 @@ def test_other_commands_name_their_flags(argv, flag, tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_engine_flags_are_checked_before_the_data_load(tmp_path, capsys, monkeypatch):
     import importlib.util
     import time

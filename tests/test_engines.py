@@ -114,6 +114,7 @@ def test_every_engine_gives_the_serial_plans_and_scores(tmp_path):
         assert [row["best"] for row in res["logbook"]] == [row["best"] for row in results["serial"]["logbook"]], name
 
 
+@pytest.mark.slow
 def test_a_process_pool_receives_each_round_state_once(tiny):
     model, x, y, recal = tiny
     space = PruningSpace.from_model(model, x[:1])
@@ -237,6 +238,7 @@ def test_dask_publishes_the_state_once_and_a_worker_of_another_version_is_refuse
         dask_map.check_versions()
 
 
+@pytest.mark.slow
 @needs_dask
 def test_an_unreachable_scheduler_fails_fast_with_its_address():
     t0 = time.perf_counter()

@@ -37,6 +37,7 @@ def _macs_toolbox(space, frac=0.3, **kw):
 
 
 # ------------------------------------------------------------------------------------------------ operators
+@pytest.mark.slow
 def test_level_switch_moves_width_between_two_groups_without_raising_the_cost(trained):
     model, x = trained[0], trained[1]
     space = PruningSpace.from_model(model, x[:1])
@@ -109,6 +110,7 @@ def test_fresh_mutates_children_that_copy_the_population(trained):
     assert not set(genomes) & {tuple(p) for p in parents}
 
 
+@pytest.mark.slow
 def test_logbook_records_diversity_and_duplicate_rejection_keeps_it_up(trained):
     model, x, y, _, _, recal, _ = trained
     kw = dict(recal_x=recal, rounds=1, generations=4, population=8, elites=2, target=0.3, seed=0, verbose=False,
@@ -135,6 +137,7 @@ def test_kl_fitness_needs_no_labels_and_scores_the_unpruned_plan_zero(trained):
     assert err.value.setting == "metric"
 
 
+@pytest.mark.slow
 def test_kl_ranks_plans_like_top1_on_labelled_data(trained):
     """A label-free fitness is useful when it orders plans as the accuracy does."""
     model, x, y, _, _, recal, _ = trained
@@ -166,6 +169,7 @@ def test_screening_scores_on_the_first_share_of_images_and_batches(trained):
 
 
 # ------------------------------------------------------------------------------------------------ search
+@pytest.mark.slow
 def test_staged_generation_scores_only_the_survivors_in_full(trained):
     model, x, y, _, _, recal, _ = trained
     result = search(model, x[:1], x, y, recal_x=recal, rounds=1, generations=2, population=8, elites=2,
@@ -177,6 +181,7 @@ def test_staged_generation_scores_only_the_survivors_in_full(trained):
     assert result.rows[0]["macs"] <= 0.3 * result.baseline["macs"] * 1.0001
 
 
+@pytest.mark.slow
 def test_final_choice_on_held_out_images_and_the_winners_curse(trained):
     model, x, y, cx, cy, recal, report_set = trained
     kw = dict(recal_x=recal, rounds=1, generations=2, population=8, elites=2, target=0.3, seed=0, verbose=False,

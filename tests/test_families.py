@@ -286,6 +286,7 @@ def test_convnext_block_mlp_channels_prune_through_channels_last_linears(randomi
         _check(b, _plan(b.space, random_individual, seed), state_guard)
 
 
+@pytest.mark.slow
 def test_torchvision_convnext_tiny_is_pruned(randomize_bn, random_individual, state_guard):
     import torchvision
     torch.manual_seed(0)
@@ -403,7 +404,11 @@ def _sweep(name: str, fam: TimmFamily, randomize_bn, random_individual, state_gu
     return "partial" if found else "prune"
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if f.slow else [])
+# the quick loop (-m "not slow") keeps three cheap families of different kinds; CI runs them all
+QUICK = ("resnet10t", "lcnet_050", "convnext_atto")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if f.slow or n not in QUICK else [])
                                   for n, f in TIMM.items()])
 def test_timm_family(name, randomize_bn, random_individual, state_guard):
     fam = TIMM[name]

@@ -40,6 +40,7 @@ def uniform(space, imp, keep, cut=()):
     return genes
 
 
+@pytest.mark.slow
 def test_bn_recalibration_raises_the_quick_score_of_a_pruned_model(setup):
     model, space, imp, x, y, recal = setup
     ind = uniform(space, imp, 0.35)

@@ -60,6 +60,7 @@ def test_measure_times_a_model_and_a_smaller_model_is_faster(runtime):
     assert torch.get_num_threads() == 1  # restored
 
 
+@pytest.mark.slow
 def test_the_table_predicts_measured_latency_of_real_pruned_models(table):
     """The ground truth is an end-to-end measurement of the physically pruned model; the bound is loose (a shared,
     noisy machine): median relative error under 35 %, and the ordering of a large and a small plan is right."""
@@ -85,6 +86,7 @@ def test_prediction_by_genes_plan_and_counts_agree(table):
     assert tab.predict(plan) == tab.predict_genes(genes) == tab.predict_counts(counts, [True] * len(space.units))
 
 
+@pytest.mark.slow
 def test_a_cached_table_is_reused_and_one_from_elsewhere_is_not(tmp_path):
     model = net()
     space = PruningSpace.from_model(model, X)
@@ -103,6 +105,7 @@ def test_a_cached_table_is_reused_and_one_from_elsewhere_is_not(tmp_path):
     assert json.loads(files[0].read_text())["key"]["cpu"] == lat.cpu_model()  # re-measured and replaced
 
 
+@pytest.mark.slow
 def test_a_corrupt_cache_is_rebuilt_not_trusted(tmp_path):
     model = net()
     space = PruningSpace.from_model(model, X)
@@ -136,6 +139,7 @@ def test_unstable_timings_get_more_repeats_and_a_warning():
     assert t.repeats == 32 and t.spread > 0.15
 
 
+@pytest.mark.slow
 def test_a_budget_below_the_smallest_plan_is_refused_before_any_search(monkeypatch, table, tmp_path):
     model, space, tab = table
     import evoprune.evolve.loop as evolve
@@ -154,6 +158,7 @@ def _no_recal():
     return FitnessConfig(bn_recalibration=False)
 
 
+@pytest.mark.slow
 def test_search_with_a_latency_target_meets_it_and_reports_measured_latency(trained_tiny, tmp_path):
     model, data = trained_tiny(600, 300, data_seed=0, epochs=2)
     from evoprune.data import normalize
@@ -229,6 +234,7 @@ def test_knapsack_and_level_switch_work_in_predicted_milliseconds(table):
 
 # ------------------------------------------------------------------------------------------------ command line
 
+@pytest.mark.slow
 def test_prune_with_a_latency_target_from_the_command_line(imagefolder, tmp_path, capsys, monkeypatch):
     from evoprune.cli.commands import main
     monkeypatch.setenv("EVOPRUNE_CACHE", str(tmp_path / "cache"))
@@ -280,6 +286,7 @@ def imagefolder(tmp_path_factory, write_imagefolder):
     return write_imagefolder(tmp_path_factory.mktemp("imagefolder"), 120, 60, classes=4, size=16)
 
 
+@pytest.mark.slow
 def test_latency_search_without_snapping_warns_that_predictions_assume_snapped_widths(tmp_path):
     x, y = torch.randn(20, 3, 32, 32), torch.randint(0, 10, (20,))
     with pytest.warns(LatencyWarning, match="snap=False: widths off multiples of"), \

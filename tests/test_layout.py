@@ -15,7 +15,7 @@ from evoprune import _moved
 
 PKG = Path(evoprune.__file__).parent
 # the floors, bottom up: a module may import from its own floor and the ones below it, never from above
-FLOORS = [{"errors", "_version", "storage", "progress", "netinfo", "models", "data", "train", "_moved"},
+FLOORS = [{"errors", "_version", "validators", "storage", "progress", "netinfo", "models", "data", "train", "_moved"},
           {"space"}, {"prune"}, {"deploy"}, {"evolve"}, {"cli"}]
 
 
@@ -90,6 +90,7 @@ def test_a_pickle_naming_an_old_module_path_loads():
         assert pickle.loads(b"cevoprune.plan\nPruningPlan\n.") is PruningPlan
 
 
+@pytest.mark.slow
 def test_the_new_paths_import_without_any_deprecation_warning():
     code = ("import warnings; warnings.simplefilter('error', DeprecationWarning)\n"
             "import evoprune, evoprune.cli, evoprune.cli.job, evoprune.evolve.toolbox, evoprune.deploy.latency\n"

@@ -71,6 +71,7 @@ def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]  # no temp file left behind
 
 
+@pytest.mark.slow
 def test_a_writer_killed_mid_write_leaves_no_truncated_file(tmp_path):
     import subprocess
     import sys
@@ -147,6 +148,7 @@ def spaces():
             for mk in (1, 3) for rt in (None, 4)}
 
 
+@pytest.mark.slow
 @settings(max_examples=200, **FUZZ)
 @given(data=st.data())
 def test_operators_keep_every_invariant(spaces, data):

@@ -43,6 +43,7 @@ def trained(trained_tiny):
     return model, x, y, recal, report_set
 
 
+@pytest.mark.slow
 def test_ga_beats_the_mean_of_random_plans_at_the_same_budget(trained):
     model, x, y, recal, _ = trained
     space = PruningSpace.from_model(model, x[:1])
@@ -66,6 +67,7 @@ def test_ga_beats_the_mean_of_random_plans_at_the_same_budget(trained):
     assert row["search_score"] >= max(random_scores)
 
 
+@pytest.mark.slow
 def test_search_rows_widths_front_and_logbook(trained, tmp_path):
     model, x, y, recal, report_set = trained
     from evoprune.train import evaluate
@@ -146,6 +148,7 @@ def test_stock_deap_eaMuPlusLambda_runs_with_the_registered_toolbox(trained):
     assert all(0 <= s <= 1 and 0 < m <= space.base_macs for s, m in values)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("space_kwargs", [{"connections": False}, {"min_keep": 2, "round_to": 2}])
 def test_resume_after_a_finished_round_keeps_non_default_space_options(trained, tmp_path, space_kwargs):
     """A resumed run rebuilds the finished rounds' models with the run's own space options (it used the defaults,
@@ -211,6 +214,7 @@ def test_toolbox_population_is_repaired_into_the_budget(trained):
             assert all(c >= 2 and (c % 2 == 0 or c == g.size) for c, g in zip(counts, space.groups))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["random", "init"])
 def test_baselines_get_the_ga_evaluation_budget_and_respect_the_target(trained, method):
     """random search and the initial population alone: as many plans as the GA may evaluate, one logbook entry,

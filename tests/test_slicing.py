@@ -69,6 +69,7 @@ def _check(b, plan: PruningPlan, state_guard, **kw) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------- the matrix
+@pytest.mark.slow
 @pytest.mark.parametrize("keep", ts.KEEPS)
 def test_slice_equals_apply_on_family(family, keep, random_individual, state_guard):
     b = family

@@ -181,6 +181,7 @@ def _check_plan(b: Built, plan: PruningPlan, state_guard, *, expect_smaller=True
 
 
 # ---------------------------------------------------------------------------------------------- the matrix
+@pytest.mark.slow
 @pytest.mark.parametrize("keep", KEEPS)
 def test_family_prunes_and_costs_exactly(family, keep, random_individual, state_guard):
     b = family
@@ -255,6 +256,7 @@ def test_vgg_equal_width_convs_are_sequential_units(vgg):
     assert len(vgg.space.groups) == 13 and [g.size for g in vgg.space.groups][:4] == [64, 64, 128, 128]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["vgg", "resnet"])
 def test_cutting_each_unit_lowers_macs_and_cost_still_matches(which, request, state_guard):
     b = request.getfixturevalue(which)
@@ -321,6 +323,7 @@ _SUBPROCESS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["vgg", "resnet"])
 def test_export_pruned_model(which, request, tmp_path, random_individual):
     b = request.getfixturevalue(which)
@@ -441,6 +444,7 @@ def test_untraceable_build_restores_torch_pruning():
     assert not trace.build(_small_cnn(), torch.randn(1, 3, 8, 8)).untraceable
 
 
+@pytest.mark.slow
 def test_shufflenet_half_plan_prunes_costs_exactly_and_exports(shufflenet, random_individual, state_guard,
                                                                tmp_path):
     b = shufflenet
@@ -465,6 +469,7 @@ def test_shufflenet_half_plan_prunes_costs_exactly_and_exports(shufflenet, rando
     assert (card["macs"], card["params"]) == b.space.cost(plan) == (macs, params)
 
 
+@pytest.mark.slow
 def test_shufflenet_search_runs():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(16, 3, 32, 32, generator=gen)
@@ -617,6 +622,7 @@ def test_ignored_layers_type_message_suggests_instances():
         PruningSpace.from_model(_small_cnn(), torch.randn(1, 3, 16, 16), ignored_layers=[nn.Conv2d])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["instance", "name"])
 def test_ignored_layer_channels_stay_out_of_the_space(resnet, how, random_individual, state_guard):
     model, x = resnet.model, resnet.x

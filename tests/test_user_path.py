@@ -126,6 +126,7 @@ def test_a_bad_demo_data_spec_is_a_usage_error(spec, capsys):
 
 # ------------------------------------------------------------------------------------------------ pareto.png
 
+@pytest.mark.slow
 def test_without_matplotlib_no_pareto_png_and_the_output_says_so(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
@@ -279,6 +280,7 @@ def test_job_run_refuses_other_settings_or_data_before_any_work(finished_run, mo
         job.run(model, data, out, same, verbose=False)
 
 
+@pytest.mark.slow
 def test_no_resume_starts_over_and_drops_the_old_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["prune", "--arch", "tiny", "--data", "demo:quick", "--out", out, "--baseline-epochs", "1", *TINY_SEARCH]

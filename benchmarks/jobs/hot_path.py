@@ -87,8 +87,10 @@ def main():
         out["fitness_25pct_macs"][mode] = median_time(lambda: ev(next(todo)), args.repeat)
         ev.release()
 
+    random.seed(0)
+    np.random.seed(0)
     tb = register(base.Toolbox(), space, lambda ind: (0.0, 0.0), objective="budget",
-                  macs_budget=0.5 * space.base_macs, importance=imp, seed=0)
+                  macs_budget=0.5 * space.base_macs, importance=imp)
     parents = [tb.individual() for _ in range(6)]
     for ind in parents:
         ind.fitness.values = (0.5, 1.0)
