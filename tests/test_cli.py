@@ -102,6 +102,27 @@ def test_prune_arch_tiny_on_an_imagefolder(imagefolder, tmp_path, capsys):
     assert "final   : top-1" in out
 
 
+def test_a_prune_checks_its_options_and_the_resume_record_once_each(imagefolder, tmp_path, capsys, monkeypatch):
+    """On the way from the flags to the search, JobOptions.check and the resume check of the settings run once
+    each (the data and weights, which the first check cannot see, are checked once they are loaded)."""
+    from evoprune.cli import resume
+    calls = {"check": 0, "settings": 0, "inputs": 0}
+    real_check, real_settings, real_inputs = options.JobOptions.check, resume.check_settings, resume.check_inputs
+
+    def counted(name, fn):
+        def wrapper(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapper
+    monkeypatch.setattr(options.JobOptions, "check", counted("check", real_check))
+    monkeypatch.setattr(resume, "check_settings", counted("settings", real_settings))
+    monkeypatch.setattr(resume, "check_inputs", counted("inputs", real_inputs))
+    code, out, err = run(capsys, "prune", "--arch", "tiny", "--data", imagefolder, "--out", tmp_path / "run",
+                         "--baseline-epochs", "1", *TINY_SEARCH)
+    assert code == 0, err
+    assert calls == {"check": 1, "settings": 1, "inputs": 1}
+
+
 @pytest.mark.slow
 def test_prune_knapsack_with_a_kl_fitness_and_a_final_choice(imagefolder, tmp_path, capsys):
     """--method knapsack --metric kl: one evaluation, a label-free fitness; the rest of val's search half chooses,

@@ -70,8 +70,27 @@ def val_splits(val: ImageSet, seed: int) -> tuple[ImageSet, ImageSet]:
 # The job
 # ----------------------------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Checked:
+    """What the command line checked before loading anything (:func:`precheck`): ``opts`` (``opts.check()``) and
+    the record in ``out`` they were checked against (:func:`evoprune.cli.resume.check_settings`). Given to
+    :func:`run`, it spares the same checks a second time; :func:`run` then checks only the data and the weights."""
+
+    opts: JobOptions
+    source: dict | None
+    record: dict | None
+
+
+def precheck(out_dir: str | Path, opts: JobOptions, source: dict | None) -> Checked:
+    """``--out`` and the options against the run recorded there, before the data and model are loaded (``opts`` was
+    checked when it was made from the flags: :func:`~evoprune.cli.options.options_from_args`)."""
+    out = check_out_dir(out_dir)
+    return Checked(opts, source, resume.check_settings(out, opts, source=source))
+
+
 def run(model: nn.Module, data: ImageData, out_dir: str | Path, opts: JobOptions, *, title: str = "evoprune run",
-        verbose: bool = True, source: dict | None = None, map: Callable | None = None) -> JobResult:
+        verbose: bool = True, source: dict | None = None, map: Callable | None = None,
+        checked: Checked | None = None) -> JobResult:
     """Prune ``model`` on ``data`` and write the compact models and the report into ``out_dir``; return a
     :class:`JobResult` (the search result plus the files this call wrote).
 
@@ -80,14 +99,23 @@ def run(model: nn.Module, data: ImageData, out_dir: str | Path, opts: JobOptions
     :mod:`evoprune.cli.resume` for resuming: the settings, the data and the teacher's weights are checked against the
     job recorded in ``out_dir`` before any work (:class:`ConfigError` on a change). ``map``: where fitness calls
     run (default: the engine ``opts.executor`` names, made and closed here; see :mod:`evoprune.evolve.engines`).
+    ``checked``: what the command line checked already (:func:`precheck`), for these ``opts`` and ``source``.
     """
-    opts.check()
+    out = check_out_dir(out_dir, "out_dir")
+    if checked is None or checked.opts is not opts or checked.source != source:
+        opts.check()
+        checked = Checked(opts, source, resume.check_settings(out, opts, source=source))
     if map is None:
         with _engine(opts) as engine:
-            return run(model, data, out_dir, opts, title=title, verbose=verbose, source=source, map=engine)
+            return _run(model, data, out, opts, title, verbose, source, engine, checked.record)
+    return _run(model, data, out, opts, title, verbose, source, map, checked.record)
+
+
+def _run(model, data, out: Path, opts: JobOptions, title, verbose, source, map, record) -> JobResult:
+    """:func:`run` once its options and the record in ``out`` are checked."""
     data = normalized(data, opts.normalize)
-    out = check_out_dir(out_dir, "out_dir")  # the command line checked --out before loading anything
-    resumed = resume.check_resume(out, opts, source=source, data=data, model=model) is not None
+    resume.check_inputs(out, record, data=data, model=model)
+    resumed = record is not None
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     if opts.resume:
@@ -269,7 +297,7 @@ def prune_job(build_model: Callable, args: argparse.Namespace, *, title: str) ->
     Before loading anything it checks ``--out``: a run there made with other settings is refused, a finished one
     with the same settings is not redone. A bad ``--weights`` file is refused before the data load."""
     opts = options_from_args(args)
-    check_out_dir(args.out)
+    check_out_dir(args.out)  # before any other refusal: a bad --out is named first
     if args.baseline_epochs < 1:
         raise ConfigError(f"must be >= 1, got {args.baseline_epochs}", setting="baseline_epochs")
     source = {"arch" if getattr(args, "arch", None) else "model_builder":
@@ -277,7 +305,8 @@ def prune_job(build_model: Callable, args: argparse.Namespace, *, title: str) ->
               "weights": sources.abspath(args.weights),
               "baseline_epochs": None if args.weights else args.baseline_epochs,
               "data": sources.data_source(args)}
-    if resume.finished(args.out, opts, source=source):
+    checked = precheck(args.out, opts, source)
+    if resume.finished(args.out, checked.record):
         print(FINISHED.format(out=args.out), file=sys.stderr)
         return
     state = sources.read_weights(args.weights) if args.weights else None
@@ -290,7 +319,7 @@ def prune_job(build_model: Callable, args: argparse.Namespace, *, title: str) ->
                                                           f"classes, {classes}, comes from --data).")
         else:
             model = baseline(model, data, args.out, args.baseline_epochs, opts)
-        result = run(model.eval(), data, args.out, opts, title=title, source=source, map=engine)
+        result = run(model.eval(), data, args.out, opts, title=title, source=source, map=engine, checked=checked)
     print(summary_lines(result, Path(args.out)))
 
 
@@ -299,9 +328,9 @@ def prune_saved_model(args: argparse.Namespace) -> None:
     images (``--input-shape``) and classes, then :func:`run` into ``--out`` and a summary on stdout. Like
     :func:`prune_job`, ``--out`` is checked before anything is loaded."""
     opts = options_from_args(args)
-    check_out_dir(args.out)
     source = {"model": sources.abspath(args.model), "data": sources.data_source(args)}
-    if resume.finished(args.out, opts, source=source):
+    checked = precheck(args.out, opts, source)
+    if resume.finished(args.out, checked.record):
         print(FINISHED.format(out=args.out), file=sys.stderr)
         return
     model = sources.load_model_file(args.model, trust=args.trust_pickle, purpose="prune")
@@ -314,5 +343,5 @@ def prune_saved_model(args: argparse.Namespace) -> None:
                               setting="input_shape")
         sources.check_outputs(model, data, args.model)
         result = run(model, data, args.out, opts, title=f"evoprune: {Path(args.model).name}", source=source,
-                     map=engine)
+                     map=engine, checked=checked)
     print(summary_lines(result, Path(args.out)))

@@ -113,6 +113,14 @@ def check_resume(out_dir: str | Path, opts: JobOptions, *, source: dict | None =
     when ``source`` (where the model and data come from; compared when given) differs, or when ``data`` or ``model``
     (compared when given) are not the data and teacher weights the run started with.
     """
+    record = check_settings(out_dir, opts, source=source)
+    check_inputs(out_dir, record, data=data, model=model)
+    return record
+
+
+def check_settings(out_dir: str | Path, opts: JobOptions, *, source: dict | None = None) -> dict | None:
+    """The half of :func:`check_resume` that needs neither data nor model: the settings and ``source``. The command
+    line runs it before it loads anything; :func:`check_inputs` finishes the check once they are loaded."""
     if not opts.resume:
         return None
     record = read_job(out_dir)
@@ -121,20 +129,32 @@ def check_resume(out_dir: str | Path, opts: JobOptions, *, source: dict | None =
     changes = _differences(record["options"], result_options(opts))
     if source is not None and record.get("source") is not None:
         changes += _differences(record["source"], source)
+    _refuse(out_dir, changes)
+    return record
+
+
+def check_inputs(out_dir: str | Path, record: dict | None, *, data=None, model: nn.Module | None = None) -> None:
+    """The other half: ``data`` and ``model`` (compared when given) are the data and teacher weights the recorded run
+    (``record``, from :func:`check_settings`; None: nothing recorded) started with."""
+    if record is None:
+        return
+    changes = []
     if data is not None and record.get("data") not in (None, data_fingerprint(data)):
         changes.append(f"the data differ (fingerprint {record['data']}, now {data_fingerprint(data)})")
     if model is not None and record.get("model") not in (None, weights_digest(model)):
         changes.append(f"the teacher's weights differ (digest {record['model']}, now {weights_digest(model)})")
+    _refuse(out_dir, changes)
+
+
+def _refuse(out_dir, changes: list[str]) -> None:
     if changes:
         raise ConfigError(f"{out_dir} holds a run made with other settings: {'; '.join(changes)}. Use --no-resume to "
                           "start over, or a new --out")
-    return record
 
 
-def finished(out_dir: str | Path, opts: JobOptions, *, source: dict | None = None) -> bool:
-    """Whether ``out_dir`` holds a finished run of this job (same settings; its report.md is there), so there is
-    nothing to do. Raises like :func:`check_resume` when the settings differ; False with ``opts.resume`` off."""
-    record = check_resume(out_dir, opts, source=source)
+def finished(out_dir: str | Path, record: dict | None) -> bool:
+    """Whether ``out_dir``, whose record :func:`check_settings` returned, holds a finished run of this job (its
+    report.md is there), so there is nothing to do."""
     return bool(record and record.get("complete") and (Path(out_dir) / "report.md").is_file())
 
 
