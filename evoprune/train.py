@@ -16,8 +16,8 @@ from torch import nn
 
 from .data import ImageSet, batches, num_batches
 from .errors import ConfigError, DataError, ModelError
-from .validators import check_device, is_int
 from .progress import bar, status
+from .validators import check_device, is_int
 
 SCHEDULES = ("onecycle", "cosine")
 

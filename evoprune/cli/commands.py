@@ -31,17 +31,16 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import demo, inspect_model, job, sources
-from .parser import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, build_parser, check_combinations
 from ..data import normalized, parse_normalization
-from ..errors import ConfigError, EvoPruneError, ModelError
-from ..validators import check_device
 from ..deploy.exporter import export
+from ..errors import ConfigError, EvoPruneError, ModelError
 from ..models import MODELS, build, fit_weights
-from .options import setting_flag
 from ..storage import torch_save
 from ..train import check_training_args, evaluate, train
-
+from ..validators import check_device
+from . import demo, inspect_model, job, sources
+from .options import setting_flag
+from .parser import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, build_parser, check_combinations
 
 # ----------------------------------------------------------------------------------------------------------------
 # Entry point and error handling

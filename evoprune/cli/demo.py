@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from . import job
 from ..models import tiny_cnn
+from ..train import evaluate, train
+from . import job
 from .options import JobOptions
 from .sources import DEMO_SIZES, demo_data, demo_data_name
-from ..train import evaluate, train
 
 
 def demo_options(quick: bool, seed: int = 0):

@@ -10,12 +10,10 @@ import torch
 import torch_pruning as tp
 
 from ..errors import ModelError
-from ..netinfo import model_bytes
 from ..models import build, fit_weights
-from ..netinfo import check_forward
-from .sources import (DEFAULT_INPUT_SHAPE, card_input_shape, classes_in, example_inputs, load_model_file,
-                      read_weights)
+from ..netinfo import check_forward, model_bytes
 from ..space.pruning_space import PruningSpace
+from .sources import DEFAULT_INPUT_SHAPE, card_input_shape, classes_in, example_inputs, load_model_file, read_weights
 
 
 def arch_info(arch: str, *, weights: str | None = None, num_classes: int | None = None, shape=None) -> dict:

@@ -26,20 +26,20 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from . import resume, sources
 from ..data import ImageData, ImageSet, normalize, normalized
-from ..evolve.engines import opened
-from ..errors import ConfigError, EvoPruneError
-from ..evolve.loop import search
 from ..deploy.exporter import export
+from ..errors import ConfigError, EvoPruneError
+from ..evolve.engines import opened
 from ..evolve.fitness import FitnessConfig
-from ..models import fit_weights, load_weights
-from .options import JobOptions, options_from_args
-from ..progress import status
-from ..evolve.result import SearchResult, latency_over
+from ..evolve.loop import search
 from ..evolve.report import PARETO_SKIPPED, write_report
+from ..evolve.result import SearchResult, latency_over
+from ..models import fit_weights, load_weights
+from ..progress import status
 from ..storage import check_out_dir, torch_save
 from ..train import evaluate, finetune, train
+from . import resume, sources
+from .options import JobOptions, options_from_args
 
 __all__ = ["JobOptions", "JobResult", "options_from_args", "run", "val_splits", "describe_files", "summary_lines",
            "baseline", "prune_job", "prune_saved_model", "FINISHED"]

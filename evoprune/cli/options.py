@@ -14,14 +14,13 @@ import math
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Callable
 
-
 from ..data import parse_normalization
-from ..evolve.engines import EXECUTORS, check_executor
-from ..errors import ConfigError
-from ..validators import check_choice, check_device, check_int, check_positive, is_int, is_number
-from ..evolve.config import METHODS, RECONSTRUCT_METHODS, SearchConfig
 from ..deploy.runtime import RUNTIMES
+from ..errors import ConfigError
+from ..evolve.config import METHODS, RECONSTRUCT_METHODS, SearchConfig
+from ..evolve.engines import EXECUTORS, check_executor
 from ..evolve.operators import CROSSOVERS, MUTATIONS
+from ..validators import check_choice, check_device, check_int, check_positive, is_int, is_number
 
 _FIELD_DEFAULT: Any = object()  # a Flag's default: the field's own
 

@@ -11,11 +11,11 @@ import argparse
 import os
 import textwrap
 
-from . import sources
 from .._version import __version__
-from ..errors import ConfigError
 from ..deploy.exporter import FORMATS
+from ..errors import ConfigError
 from ..models import MODELS
+from . import sources
 from .options import add_search_arguments, setting_flag
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2

@@ -22,11 +22,11 @@ import torch
 import torch.nn as nn
 
 from .._version import __version__
-from ..evolve.checkpoint import FILENAME as CHECKPOINT_FILE
 from ..errors import CheckpointError, ConfigError
-from .options import FLAGS, NEGATED, TARGET_FLAGS, JobOptions
+from ..evolve.checkpoint import FILENAME as CHECKPOINT_FILE
 from ..progress import status
 from ..storage import write_json
+from .options import FLAGS, NEGATED, TARGET_FLAGS, JobOptions
 
 #: Settings that may change between a run and its resume: they do not change the result.
 RESUMABLE_CHANGES = frozenset({"device", "resume", "executor", "scheduler", "workers"})  # where, not what

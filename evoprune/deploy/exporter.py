@@ -20,8 +20,8 @@ import torch_pruning as tp
 
 from .._version import __version__
 from ..errors import ConfigError, ModelError
-from ..space.plan import PruningPlan
 from ..netinfo import layer_widths, model_bytes
+from ..space.plan import PruningPlan
 from ..storage import atomic_write, torch_save, write_json
 
 FORMATS = ("pt", "pt2", "onnx", "torchscript")

@@ -31,11 +31,11 @@ import torch.nn as nn
 
 from ..errors import ConfigError, ModelError
 from ..space.plan import PruningPlan
-from .runtime import (RUNTIMES, LatencyWarning, Timing, check_batch, check_threads, torch_threads,
-                      check_runtime, cpu_model, kernel_step, measure, time_call)
 from ..space.pruning_space import PruningSpace
 from ..storage import write_json
 from .layer_timing import layer_spec, spec_key, time_layer
+from .runtime import (RUNTIMES, LatencyWarning, Timing, check_batch, check_runtime, check_threads, cpu_model,
+                      kernel_step, measure, time_call, torch_threads)
 
 FORMAT = 2  # bump when the table's contents or meaning change: older caches are then re-measured
 _MULTIPLES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)

@@ -5,15 +5,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..deploy.runtime import check_runtime
 from ..errors import ConfigError
-from ..space.importance import KINDS as IMPORTANCE_KINDS
 from ..prune.lsq import CALIB_IMAGES
 from ..prune.refit import METHODS as RECONSTRUCT_METHODS
-from ..deploy.runtime import check_runtime
+from ..space.importance import KINDS as IMPORTANCE_KINDS
 from ..validators import check_bool, check_choice, check_fraction, check_int, check_probability
 from .budget import Budget
 from .operators import CROSSOVERS, INITS, MUTATIONS, OBJECTIVES
-
 
 METHODS = ("ga", "random", "init", "knapsack")
 

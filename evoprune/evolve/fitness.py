@@ -27,17 +27,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..prune.bn import recalibrate_bn, restored_bn
 from ..errors import ConfigError, EvaluationError, ModelError, PlanError
-from ..validators import check_device, check_fraction, check_int
-from ..space.genome import check_genes, decode
 from ..netinfo import check_finite
-from .engines import fetch, forget, owned, publish, scoop_origin, under_scoop
-from ..space.pruning_space import PruningSpace
+from ..prune.bn import recalibrate_bn, restored_bn
 from ..prune.grams import TeacherGrams
 from ..prune.lsq import CALIB_IMAGES, calibration_subset
 from ..prune.slicing import slice_plan
 from ..prune.surgery import masked
+from ..space.genome import check_genes, decode
+from ..space.pruning_space import PruningSpace
+from ..validators import check_device, check_fraction, check_int
+from .engines import fetch, forget, owned, publish, scoop_origin, under_scoop
 
 _WORKERS: "OrderedDict[str, _Worker]" = OrderedDict()  # token -> loaded state, in this process, newest last
 MAX_WORKERS = 2  # loaded fitness states a process keeps: this round's and the one before (one model each)

@@ -31,25 +31,24 @@ import torch
 import torch.nn as nn
 from deap import base, tools
 
-from . import checkpoint as ckpt
-from .budget import TARGET_KINDS
-from .config import METHODS, SearchConfig
-from ..errors import ConfigError
-from ..netinfo import layer_widths
-from .fitness import Evaluator, FitnessConfig, recalibrate_bn, reference_score
-from ..space.importance import channel_importance
 from ..deploy.latency import LatencyTable, LatencyWarning
-from ..netinfo import output_classes
-from ..space.plan import PruningPlan
-from .population import distinct, diversity, fresh, vary
+from ..deploy.runtime import kernel_step
+from ..errors import ConfigError
+from ..netinfo import layer_widths, output_classes
 from ..progress import bar, status
 from ..prune.lsq import calibration_subset
 from ..prune.refit import reconstruct
+from ..prune.surgery import apply_plan
+from ..space.importance import channel_importance
+from ..space.plan import PruningPlan
+from ..space.pruning_space import PruningSpace
+from . import checkpoint as ckpt
+from .budget import TARGET_KINDS
+from .config import METHODS, SearchConfig
+from .fitness import Evaluator, FitnessConfig, recalibrate_bn, reference_score
+from .population import distinct, diversity, fresh, vary
 from .result import SearchResult, hypervolume
 from .round import Round, curse_reference, final_choice, init_cut, model_row
-from ..deploy.runtime import kernel_step
-from ..space.pruning_space import PruningSpace
-from ..prune.surgery import apply_plan
 from .toolbox import creator_types, register
 
 

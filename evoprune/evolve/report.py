@@ -12,8 +12,8 @@ import math
 from pathlib import Path
 
 from ..errors import ConfigError
-from .result import SearchResult, latency_over
 from ..storage import atomic_write, write_json, write_text
+from .result import SearchResult, latency_over
 
 METRICS = ("top1", "loss", "kl")
 #: What to tell the user when pareto.png was not written because matplotlib is missing.

@@ -9,14 +9,14 @@ from typing import Callable
 import torch.nn as nn
 from deap import base, tools
 
-from ..prune.bn import recalibrate_bn
-from ..netinfo import model_bytes
-from .fitness import Evaluator
 from ..deploy.latency import LatencyTable
-from .budget import Budget
 from ..deploy.runtime import measure as measure_latency
+from ..netinfo import model_bytes
+from ..prune.bn import recalibrate_bn
 from ..prune.slicing import slice_plan
 from ..space.pruning_space import PruningSpace
+from .budget import Budget
+from .fitness import Evaluator
 
 
 @dataclass

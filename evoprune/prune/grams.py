@@ -13,11 +13,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .lsq import (REFIT_TYPES, add_bias, calibration_images, device_of, input_rows, out_width, positions_of, solve,
-                  taps)
 from ..space.plan import PruningPlan
-from .slicing import channel_maps
 from ..space.pruning_space import PruningSpace, ResolvedPlan
+from .lsq import REFIT_TYPES, add_bias, calibration_images, device_of, input_rows, out_width, positions_of, solve, taps
+from .slicing import channel_maps
 
 
 # ---------------------------------------------------------------------------------------------- the cheap variant

@@ -43,12 +43,12 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError, ModelError, PlanError
+from ..space.plan import PruningPlan
+from ..space.pruning_space import PruningSpace, ResolvedPlan
 from ..validators import check_int, is_number
 from .lsq import (REFIT_TYPES, add_bias, calibration_images, depthwise, device_of, input_rows, out_width, output_rows,
                   positions_of, solve)
-from ..space.plan import PruningPlan
 from .slicing import channel_maps
-from ..space.pruning_space import PruningSpace, ResolvedPlan
 
 METHODS = ("none", "bias", "lsq")
 RIDGES = (1e-3, 1e-2, 1e-1, 1.0)  # ridge="auto" picks one per layer on held-out calibration batches

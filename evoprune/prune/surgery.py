@@ -13,8 +13,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..space import graph
 from ..errors import ModelError, PlanError
+from ..space import graph
 from ..space.plan import PruningPlan
 from ..space.pruning_space import PruningSpace, ResolvedPlan
 from .copying import own_tensors, structure_copy, swap

@@ -28,10 +28,11 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from . import graph
 from ..errors import ConfigError, ModelError, UntraceableWarning
 from ..netinfo import check_forward, forward_hooks
+from . import graph
 from .units import ConnectionUnit, discover_units
+
 
 @dataclass(frozen=True)
 class Consumer:

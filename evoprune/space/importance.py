@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from . import graph
 from ..errors import ConfigError
+from . import graph
 from .pruning_space import PruningSpace
 
 KINDS = ("l1", "l2", "bn", "taylor", "random")

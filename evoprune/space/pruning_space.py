@@ -22,12 +22,12 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from ..errors import ConfigError, ModelError, PlanError
+from ..netinfo import check_finite
 from . import genome
 from .cost import CostModel, probe
 from .discovery import ChannelGroup, ConnectionUnit, Consumer, Producer, discover
-from ..errors import ConfigError, ModelError, PlanError
 from .genome import Layout
-from ..netinfo import check_finite
 from .plan import PruningPlan, validate
 
 
