@@ -83,6 +83,7 @@ def test_demo_writes_every_report_file(demo):
     assert (out / "logbook.csv").read_text().splitlines()[0].startswith("round,gen,evals")
 
 
+@pytest.mark.slow
 def test_demo_prints_a_summary(demo_run):
     code, out, err, folder = demo_run
     assert code == 0
@@ -90,6 +91,7 @@ def test_demo_prints_a_summary(demo_run):
     assert str(folder) in out and (folder / "report.md").is_file()
 
 
+@pytest.mark.slow
 def test_prune_arch_tiny_on_an_imagefolder(imagefolder, tmp_path, capsys):
     code, out, err = run(capsys, "prune", "--arch", "tiny", "--data", imagefolder, "--out", tmp_path / "run",
                          "--baseline-epochs", "1", *TINY_SEARCH)
@@ -102,6 +104,7 @@ def test_prune_arch_tiny_on_an_imagefolder(imagefolder, tmp_path, capsys):
     assert "final   : top-1" in out
 
 
+@pytest.mark.slow
 def test_a_prune_checks_its_options_and_the_resume_record_once_each(imagefolder, tmp_path, capsys, monkeypatch):
     """On the way from the flags to the search, JobOptions.check and the resume check of the settings run once
     each (the data and weights, which the first check cannot see, are checked once they are loaded)."""

@@ -55,6 +55,7 @@ def demo(demo_run):
 
 # ------------------------------------------------------------------------------------------------ the demo
 
+@pytest.mark.slow
 def test_the_demo_labels_its_baseline_figures_with_one_split(demo):
     code, stdout, stderr, out = demo
     assert code == 0, stderr
@@ -69,6 +70,7 @@ def test_the_demo_labels_its_baseline_figures_with_one_split(demo):
     assert end.group(1) == f"{baseline:.4f}"
 
 
+@pytest.mark.slow
 def test_the_demo_writes_files_with_the_umask_mode(demo):
     code, _, _, out = demo
     files = [p for p in out.rglob("*") if p.is_file()]
@@ -77,6 +79,7 @@ def test_the_demo_writes_files_with_the_umask_mode(demo):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
 
 
+@pytest.mark.slow
 def test_the_demo_files_line_lists_what_it_wrote(demo):
     code, stdout, stderr, out = demo
     files_line = next(line for line in stdout.splitlines() if line.startswith("files   :"))
@@ -85,6 +88,7 @@ def test_the_demo_files_line_lists_what_it_wrote(demo):
     assert "skipped" not in files_line and "skipped" not in stderr
 
 
+@pytest.mark.slow
 def test_the_demo_round_evaluates_to_the_reported_top1(demo):
     """The command the demo prints runs, and gives the top-1 the report gives for that round, on the same split."""
     code, stdout, stderr, out = demo
