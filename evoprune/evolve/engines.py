@@ -218,12 +218,22 @@ class DaskMap(_Closing):
                                   f"({type(exc).__name__}: {exc}); start it (dask scheduler, or dask-jobqueue) or "
                                   "check the address") from None
         else:
-            self._cluster = distributed.LocalCluster(n_workers=workers or multiprocessing.cpu_count(),
-                                                     threads_per_worker=1, processes=True, dashboard_address=None)
+            n = workers or multiprocessing.cpu_count()
+            self._cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                                     dashboard_address=None)
             self.client = distributed.Client(self._cluster)
         self._futures: dict[str, Any] = {}
         self._checked: set[str] = set()
         try:
+            if self._cluster is not None:
+                # a loaded machine can register the last worker after Client() returns; the state is broadcast to
+                # the workers present at the first map, so wait for all of them first
+                try:
+                    self.client.wait_for_workers(n, timeout=f"{4 * CONNECT_TIMEOUT_S}s")
+                except TimeoutError:
+                    raise EngineError(f"the local Dask cluster started {len(self.client.scheduler_info()['workers'])}"
+                                      f" of {n} workers within {4 * CONNECT_TIMEOUT_S} s; ask for fewer workers "
+                                      "or free the machine") from None
             self.check_versions()
         except EngineError:
             self.close()
