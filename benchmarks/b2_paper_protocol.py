@@ -32,6 +32,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,11 +237,65 @@ def render(archs=("resnet18_tv", "vgg16_bn")) -> str:
             last = (f"round {max(within)} ({run['rows'][max(within) - 1]['params'] / 1e6:.3f} M params)"
                     if within else "none")
             md += ["", f"Last round within 1 pp of the teacher: {last}.", ""]
-        for key, run in sorted(res["runs"].items()):
-            if key.startswith("ga "):
-                md += widths_table(arch, key, run) + [""]
+        md += seed_summary(res["runs"])
+        ga = sorted((k for k in res["runs"] if k.startswith("ga ")), key=lambda k: int(k.split(" s")[-1]))
+        if ga:  # the paper's Table 5 once, for the lowest seed (the others' widths are in the results file)
+            md += widths_table(arch, ga[0], res["runs"][ga[0]]) + [""]
         parts.append("\n".join(md))
     return "\n".join(parts)
+
+
+def by_method(runs: dict) -> dict[str, dict[int, dict]]:
+    """``{"ga": {seed: run}, "l1-uniform": {...}}`` from the results file's ``"<method> s<seed>"`` keys."""
+    out: dict[str, dict[int, dict]] = {}
+    for key, run in runs.items():
+        method, _, seed = key.rpartition(" s")
+        out.setdefault(method, {})[int(seed)] = run
+    return out
+
+
+def seed_bootstrap(diffs, n: int = 10000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of per-seed paired differences and a bootstrap 95 % CI over the seeds (the rows carry top-1, not each
+    image's correctness, so the images are not resampled)."""
+    d = np.asarray(diffs, dtype=float)
+    means = d[np.random.default_rng(seed).integers(0, len(d), (n, len(d)))].mean(1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(d.mean()), float(lo), float(hi)
+
+
+def seed_summary(runs: dict) -> list[str]:
+    """Per round, over the seeds both methods finished: mean ± sd of params, top-1 after the fine-tune and the drop
+    from the teacher (each seed's val-report half is its own, so drops are per seed), and the GA minus the control
+    with a paired bootstrap CI. Nothing when fewer than 2 seeds."""
+    methods = by_method(runs)
+    ga, ctl = methods.get("ga", {}), methods.get("l1-uniform", {})
+    seeds = sorted(s for s in ga if len(ga[s]["rows"]) == 5)
+    if len(seeds) < 2:
+        return []
+    paired = [s for s in seeds if s in ctl and len(ctl[s]["rows"]) == 5]
+
+    def ms(values, scale=1.0, fmt=".2f"):
+        v = np.asarray(values, dtype=float) * scale
+        return f"{v.mean():{fmt}} ± {v.std(ddof=1) if len(v) > 1 else 0.0:{fmt}}"
+
+    md = [f"**Over seeds {', '.join(map(str, seeds))}** (mean ± sd; GA − control paired by seed over seeds "
+          f"{', '.join(map(str, paired)) or 'none'}, bootstrap 95 % CI over the seeds; 'beats' only where it "
+          "excludes 0):", "",
+          "| round | GA params (M) | GA top-1 after FT (%) | GA drop (pp) | control top-1 (%) | GA − control (pp) "
+          "[95 % CI] | verdict |", "|---|---|---|---|---|---|---|"]
+    for k in range(5):
+        g = [ga[s]["rows"][k] for s in seeds]
+        drops = [ga[s]["baseline"]["top1"] - ga[s]["rows"][k]["top1"] for s in seeds]
+        cell, verdict, ctl_cell = "–", "–", "–"
+        if paired:
+            c = [ctl[s]["rows"][k]["top1"] for s in paired]
+            mean, lo, hi = seed_bootstrap([ga[s]["rows"][k]["top1"] - ctl[s]["rows"][k]["top1"] for s in paired])
+            cell = f"{100 * mean:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
+            verdict = "GA beats" if lo > 0 else ("control beats" if hi < 0 else "no difference shown")
+            ctl_cell = ms(c, 100)
+        md.append(f"| {k + 1} | {ms([r['params'] for r in g], 1e-6, '.3f')} | {ms([r['top1'] for r in g], 100)} | "
+                  f"{ms(drops, 100)} | {ctl_cell} | {cell} | {verdict} |")
+    return md + [""]
 
 
 def widths_table(arch: str, key: str, run: dict) -> list[str]:
@@ -278,9 +333,16 @@ def plot(path: Path, archs=("resnet18_tv", "vgg16_bn")) -> bool:
         res = json.loads((RESULTS / f"b2_{arch}.json").read_text())
         paper = PAPER[arch]
         ax.plot([r[1] for r in paper["rows"]], [r[3] for r in paper["rows"]], "k--o", label="paper (its teacher)")
-        for key, run in sorted(res["runs"].items()):
-            ax.plot([r["params"] / 1e6 for r in run["rows"]], [r["top1"] for r in run["rows"]], "-o", label=key)
-            ax.axhline(run["baseline"]["top1"], color="grey", lw=0.6)
+        for method, seeds in sorted(by_method(res["runs"]).items()):
+            done = [run["rows"] for run in seeds.values() if len(run["rows"]) == len(paper["rows"])]
+            if not done:
+                continue
+            params = np.array([[r["params"] / 1e6 for r in rows] for rows in done]).mean(0)
+            top1 = np.array([[r["top1"] for r in rows] for rows in done])
+            ax.errorbar(params, top1.mean(0), yerr=top1.std(0, ddof=1) if len(done) > 1 else None, fmt="-o",
+                        capsize=3, label=f"{method} ({len(done)} seeds, mean ± sd)" if len(done) > 1 else f"{method} (1 seed)")
+            for run in seeds.values():
+                ax.axhline(run["baseline"]["top1"], color="grey", lw=0.6)
         ax.set_xscale("log")
         ax.invert_xaxis()
         ax.set_xlabel("params (M), per round")
