@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from ..validators import is_number
+from ..validators import check_choice, is_number
 
 TARGET_KINDS = ("macs", "params", "latency")
 _UNITS = {"macs": "MACs", "params": "params", "latency": "ms"}
@@ -29,8 +29,7 @@ class Budget:
     limit: float
 
     def __post_init__(self):
-        if self.kind not in TARGET_KINDS:
-            raise ConfigError(f"must be 'macs', 'params' or 'latency', got {self.kind!r}", setting="target_kind")
+        check_choice("target_kind", self.kind, TARGET_KINDS)
         if not is_number(self.limit) or self.limit <= 0:
             raise ConfigError(f"must be a number > 0 ({_UNITS[self.kind]}), got {self.limit!r}", setting="budget")
 
@@ -39,8 +38,7 @@ class Budget:
     def check_target(kind: str, target) -> None:
         """A search target by its kind: a fraction in (0, 1] of the original MACs or params, or a latency in ms > 0
         (:class:`ConfigError` naming the setting otherwise)."""
-        if kind not in TARGET_KINDS:
-            raise ConfigError(f"must be 'macs', 'params' or 'latency', got {kind!r}", setting="target_kind")
+        check_choice("target_kind", kind, TARGET_KINDS)
         if kind == "latency":
             if not is_number(target) or not 0 < target < math.inf:
                 raise ConfigError(f"must be a latency in ms > 0, got {target!r}", setting="target_latency_ms")
