@@ -6,6 +6,7 @@ the paper's parameter counts, beside the paper's Tables 2, 3 and 5 and a torch-p
     python benchmarks/b2_paper_protocol.py --arch vgg16_bn --seed 0             # ends at <= 0.3 M params
     python benchmarks/b2_paper_protocol.py --arch resnet18_tv --quick           # smoke test (tiny search, no FT)
     python benchmarks/b2_paper_protocol.py --render                             # tables + plot from the JSONs
+    python benchmarks/b2_paper_protocol.py --arch resnet18_tv --ft-epochs 3 --methods ga   # a sensitivity run (_ft3)
 
 Per network and seed it runs two methods, each resumable (kill it and rerun the same command):
 - ``ga``: the prune job (``evoprune.cli.job.run``, as ``examples/*_cifar.py --target-params`` runs it) with a params
@@ -208,10 +209,10 @@ def record_pauses(pause_log: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ rendering
-def render(archs=("resnet18_tv", "vgg16_bn")) -> str:
+def render(archs=("resnet18_tv", "vgg16_bn"), tag: str = "") -> str:
     parts = []
     for arch in archs:
-        path = RESULTS / f"b2_{arch}.json"
+        path = RESULTS / f"b2_{arch}{tag}.json"
         if not path.is_file():
             continue
         res = json.loads(path.read_text())
@@ -321,16 +322,16 @@ def widths_table(arch: str, key: str, run: dict) -> list[str]:
     return md
 
 
-def plot(path: Path, archs=("resnet18_tv", "vgg16_bn")) -> bool:
+def plot(path: Path, archs=("resnet18_tv", "vgg16_bn"), tag: str = "") -> bool:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    shown = [a for a in archs if (RESULTS / f"b2_{a}.json").is_file()]
+    shown = [a for a in archs if (RESULTS / f"b2_{a}{tag}.json").is_file()]
     if not shown:
         return False
     fig, axes = plt.subplots(1, len(shown), figsize=(6 * len(shown), 4.2), squeeze=False)
     for ax, arch in zip(axes[0], shown):
-        res = json.loads((RESULTS / f"b2_{arch}.json").read_text())
+        res = json.loads((RESULTS / f"b2_{arch}{tag}.json").read_text())
         paper = PAPER[arch]
         ax.plot([r[1] for r in paper["rows"]], [r[3] for r in paper["rows"]], "k--o", label="paper (its teacher)")
         for method, seeds in sorted(by_method(res["runs"]).items()):
@@ -339,8 +340,9 @@ def plot(path: Path, archs=("resnet18_tv", "vgg16_bn")) -> bool:
                 continue
             params = np.array([[r["params"] / 1e6 for r in rows] for rows in done]).mean(0)
             top1 = np.array([[r["top1"] for r in rows] for rows in done])
+            label = f"{method} ({len(done)} seeds, mean ± sd)" if len(done) > 1 else f"{method} (1 seed)"
             ax.errorbar(params, top1.mean(0), yerr=top1.std(0, ddof=1) if len(done) > 1 else None, fmt="-o",
-                        capsize=3, label=f"{method} ({len(done)} seeds, mean ± sd)" if len(done) > 1 else f"{method} (1 seed)")
+                        capsize=3, label=label)
             for run in seeds.values():
                 ax.axhline(run["baseline"]["top1"], color="grey", lw=0.6)
         ax.set_xscale("log")
@@ -353,6 +355,14 @@ def plot(path: Path, archs=("resnet18_tv", "vgg16_bn")) -> bool:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def run_tag(args) -> str:
+    """The file-name tag of a run that is not the protocol itself: ``_quick``, or ``_ft<E>`` for a fine-tune of other
+    than 1 epoch (a sensitivity run, kept apart from the protocol's results)."""
+    if args.quick:
+        return "_quick"
+    return "" if args.ft_epochs == 1 else f"_ft{args.ft_epochs:g}"
 
 
 def main():
@@ -371,19 +381,19 @@ def main():
     p.add_argument("--pauses", type=Path, default=None,
                    help="with --render: a log of the benchmark's pauses (see record_pauses); search times less them")
     args = p.parse_args()
+    tag = run_tag(args)
     if args.render:
         if args.pauses:
             record_pauses(args.pauses)
-        write_text(RESULTS / "b2_paper_protocol.md", render() + "\n")
-        plot(RESULTS / "b2_paper_protocol.png")
-        print(render())
+        write_text(RESULTS / f"b2_paper_protocol{tag}.md", render(tag=tag) + "\n")
+        plot(RESULTS / f"b2_paper_protocol{tag}.png", tag=tag)
+        print(render(tag=tag))
         return
     torch.set_num_threads(args.threads)
     build, weights, default_target = NETS[args.arch]
     args.weights = str(SHARED / "models" / weights)
     if args.quick:
         args.ft_epochs = 0.05
-    tag = "_quick" if args.quick else ""
     out_dir = RESULTS / f"b2_{args.arch}_s{args.seed}{tag}"
     res_path = RESULTS / f"b2_{args.arch}{tag}.json"
     res = json.loads(res_path.read_text()) if res_path.is_file() else {"runs": {}}
@@ -413,8 +423,8 @@ def main():
                                                      "settings": {**asdict(opts), "target_params": target}}
         write_json(res_path, res)
         if not args.quick:
-            write_text(RESULTS / "b2_paper_protocol.md", render() + "\n")
-            plot(RESULTS / "b2_paper_protocol.png")
+            write_text(RESULTS / f"b2_paper_protocol{tag}.md", render(tag=tag) + "\n")
+            plot(RESULTS / f"b2_paper_protocol{tag}.png", tag=tag)
     save()
     if "l1-uniform" in methods:
         runs["l1-uniform"] = run_control(args, data, teacher, out_dir, opts, runs["ga"]["rows"])
