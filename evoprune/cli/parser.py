@@ -123,6 +123,7 @@ def _command(sub, name: str, summary: str, description: str, epilog: str | None 
 
 
 def build_parser() -> Parser:
+    """The `evoprune` parser: the global flags here, each subcommand's in its `_<name>_command` below."""
     parser = Parser(prog=PROG, formatter_class=HelpFormatter,
                     description=_wrap("Evolve which neurons and connections of a trained CNN to keep (DEAP genetic "
                                       "algorithm), then remove the rest for real (torch-pruning)."),
@@ -133,7 +134,16 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=Parser)
     parser.commands = sub.choices  # subcommand -> its parser (for check_combinations' errors, with its prog)
 
-    # demo ---------------------------------------------------------------------------------------------------
+    _demo_command(sub)
+    _prune_command(sub)
+    _train_command(sub)
+    _evaluate_command(sub)
+    _export_command(sub)
+    _inspect_command(sub)
+    return parser
+
+
+def _demo_command(sub) -> None:
     p = _command(sub, "demo", "the built-in job on generated data (no download)",
                  "Train a tiny CNN on generated images, then run a small 2-round search and write the compact "
                  "models and the full report. Needs no data and no download.",
@@ -149,7 +159,8 @@ def build_parser() -> Parser:
     p.add_argument("--threads", type=int, default=1, metavar="N",
                    help="torch CPU threads; the demo's tiny network runs fastest on one")
 
-    # prune --------------------------------------------------------------------------------------------------
+
+def _prune_command(sub) -> None:
     p = _command(sub, "prune", "prune a built-in architecture or a saved model on image data",
                  "Prune a model with the genetic algorithm over several rounds, fine-tuning between rounds, and "
                  "write the compact models and the report into --out.",
@@ -168,7 +179,8 @@ def build_parser() -> Parser:
                         "(default: the data's image shape)")
     add_prune_arguments(p)
 
-    # train --------------------------------------------------------------------------------------------------
+
+def _train_command(sub) -> None:
     p = _command(sub, "train", "train a built-in architecture",
                  "Train a built-in architecture from scratch on --data (SGD, OneCycle, augmentation), save its "
                  "state_dict atomically and print its val top-1.")
@@ -181,7 +193,8 @@ def build_parser() -> Parser:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0, help="random seed (initialisation, shuffling, augmentation)")
 
-    # evaluate -----------------------------------------------------------------------------------------------
+
+def _evaluate_command(sub) -> None:
     p = _command(sub, "evaluate", "top-1 accuracy on the val split",
                  "Print the top-1 accuracy of a model on the val split of --data, or on the half of it that "
                  "'evoprune prune' and 'evoprune demo' report top-1 on (--split val-report).",
@@ -208,7 +221,8 @@ def build_parser() -> Parser:
     p.add_argument("--batch-size", type=int, default=256, metavar="N", help="evaluation batch size")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
 
-    # export -------------------------------------------------------------------------------------------------
+
+def _export_command(sub) -> None:
     p = _command(sub, "export", "write a saved model as torch.export/ONNX + card",
                  "Convert a saved Python model into deployment formats, check each against the original and write "
                  "a JSON model card (STEM.json; it keeps the input normalisation of the source's card).",
@@ -224,7 +238,8 @@ def build_parser() -> Parser:
                    help="comma-separated formats among pt, pt2, onnx, torchscript (default: %(default)s)")
     p.add_argument("--trust-pickle", action="store_true", help=TRUST_HELP)
 
-    # inspect ------------------------------------------------------------------------------------------------
+
+def _inspect_command(sub) -> None:
     p = _command(sub, "inspect", "show what can be pruned, or layer widths",
                  "For --arch: the pruning space (channel groups and their sizes, connection units, base MACs and "
                  "params). For --arch with --weights (a state_dict) and for --model: per-layer widths, MACs, "
@@ -241,8 +256,6 @@ def build_parser() -> Parser:
     p.add_argument("--num-classes", type=int, metavar="N",
                    help="with --arch: number of classes (default: the classifier width in --weights, else 10)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")
-    return parser
-
 
 def check_combinations(parser: Parser, args: argparse.Namespace) -> None:
     """Flag combinations argparse cannot express; usage errors (exit code 2)."""
