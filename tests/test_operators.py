@@ -231,6 +231,12 @@ def test_budget_selection_ranks_every_feasible_plan_above_every_infeasible_one()
     assert [i.fitness.values for i in chosen] == [(0.7, 80), (0.7, 100), (0.5, 90), (0.95, 150)]
 
 
+@pytest.mark.parametrize("bad", [0, -5, float("nan")])
+def test_a_bare_budget_that_no_plan_can_meet_is_refused_naming_it(bad):
+    with pytest.raises(ConfigError, match=r"budget.*> 0"):
+        ops.sel_budget([_ind(0.9, 10)], 1, budget=bad)
+
+
 def test_topk_is_truncation_by_score_then_macs():
     pop = [_ind(0.5, 10), _ind(0.9, 30), _ind(0.9, 20), _ind(0.1, 1)]
     assert [i.fitness.values for i in ops.sel_topk(pop, 2)] == [(0.9, 20), (0.9, 30)]

@@ -364,7 +364,8 @@ def sel_topk(individuals, k: int):
 def sel_budget(individuals, k: int, budget, space=None):
     """Budget mode: feasible individuals first, by score then lower cost; infeasible ones after every feasible one,
     least over the budget first. ``budget``: a :class:`~evoprune.evolve.budget.Budget` (``space`` counts a params
-    budget's cost), or a number compared with the fitness's cost (MACs, or ms with a latency table)."""
+    budget's cost), or a number compared with the fitness's cost (MACs, or ms with a latency table). A number must be
+    > 0: :class:`~evoprune.errors.ConfigError` otherwise (evoprune 0.1 ranked every individual infeasible)."""
     if not isinstance(budget, Budget):
         budget = Budget("macs", budget)  # a bare limit on the fitness's cost, whatever its unit
     return sorted(individuals, key=lambda ind: budget.rank(ind, space), reverse=True)[:k]
