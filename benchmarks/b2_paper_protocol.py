@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from b1_seeds import bootstrap_diff  # noqa: E402  (the paired bootstrap B1s, B5 and B7 use)
 from b6_reconstruct import uniform_plan  # noqa: E402  (torch-pruning's uniform L1 allocation)
 from evoprune import PruningSpace, apply_plan, reconstruct  # noqa: E402
 from evoprune.cli import job  # noqa: E402
@@ -238,10 +239,10 @@ def render(archs=("resnet18_tv", "vgg16_bn"), tag: str = "") -> str:
             last = (f"round {max(within)} ({run['rows'][max(within) - 1]['params'] / 1e6:.3f} M params)"
                     if within else "none")
             md += ["", f"Last round within 1 pp of the teacher: {last}.", ""]
-        md += seed_summary(res["runs"])
-        ga = sorted((k for k in res["runs"] if k.startswith("ga ")), key=lambda k: int(k.split(" s")[-1]))
+        md += seed_summary(res["runs"], rounds=len(paper["rows"]))
+        ga = by_method(res["runs"]).get("ga")
         if ga:  # the paper's Table 5 once, for the lowest seed (the others' widths are in the results file)
-            md += widths_table(arch, ga[0], res["runs"][ga[0]]) + [""]
+            md += widths_table(arch, f"ga s{min(ga)}", ga[min(ga)]) + [""]
         parts.append("\n".join(md))
     return "\n".join(parts)
 
@@ -255,25 +256,17 @@ def by_method(runs: dict) -> dict[str, dict[int, dict]]:
     return out
 
 
-def seed_bootstrap(diffs, n: int = 10000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of per-seed paired differences and a bootstrap 95 % CI over the seeds (the rows carry top-1, not each
-    image's correctness, so the images are not resampled)."""
-    d = np.asarray(diffs, dtype=float)
-    means = d[np.random.default_rng(seed).integers(0, len(d), (n, len(d)))].mean(1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return float(d.mean()), float(lo), float(hi)
-
-
-def seed_summary(runs: dict) -> list[str]:
-    """Per round, over the seeds both methods finished: mean ± sd of params, top-1 after the fine-tune and the drop
-    from the teacher (each seed's val-report half is its own, so drops are per seed), and the GA minus the control
-    with a paired bootstrap CI. Nothing when fewer than 2 seeds."""
+def seed_summary(runs: dict, rounds: int) -> list[str]:
+    """Per round, over the seeds that finished all ``rounds``: mean ± sd of params, top-1 after the fine-tune and
+    the drop from the teacher (each seed's val-report half is its own, so drops are per seed), and the GA minus the
+    control with B1s's paired bootstrap CI, over the seeds only (the rows carry top-1, not each image's
+    correctness, so each seed is one column and no image is resampled). Nothing when fewer than 2 seeds."""
     methods = by_method(runs)
     ga, ctl = methods.get("ga", {}), methods.get("l1-uniform", {})
-    seeds = sorted(s for s in ga if len(ga[s]["rows"]) == 5)
+    seeds = sorted(s for s in ga if len(ga[s]["rows"]) == rounds)
     if len(seeds) < 2:
         return []
-    paired = [s for s in seeds if s in ctl and len(ctl[s]["rows"]) == 5]
+    paired = [s for s in seeds if s in ctl and len(ctl[s]["rows"]) == rounds]
 
     def ms(values, scale=1.0, fmt=".2f"):
         v = np.asarray(values, dtype=float) * scale
@@ -284,13 +277,14 @@ def seed_summary(runs: dict) -> list[str]:
           "excludes 0):", "",
           "| round | GA params (M) | GA top-1 after FT (%) | GA drop (pp) | control top-1 (%) | GA − control (pp) "
           "[95 % CI] | verdict |", "|---|---|---|---|---|---|---|"]
-    for k in range(5):
+    for k in range(rounds):
         g = [ga[s]["rows"][k] for s in seeds]
         drops = [ga[s]["baseline"]["top1"] - ga[s]["rows"][k]["top1"] for s in seeds]
         cell, verdict, ctl_cell = "–", "–", "–"
         if paired:
             c = [ctl[s]["rows"][k]["top1"] for s in paired]
-            mean, lo, hi = seed_bootstrap([ga[s]["rows"][k]["top1"] - ctl[s]["rows"][k]["top1"] for s in paired])
+            mean, lo, hi = bootstrap_diff(np.array([[ga[s]["rows"][k]["top1"]] for s in paired]),
+                                          np.array([[ctl[s]["rows"][k]["top1"]] for s in paired]), n=10000)
             cell = f"{100 * mean:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
             verdict = "GA beats" if lo > 0 else ("control beats" if hi < 0 else "no difference shown")
             ctl_cell = ms(c, 100)

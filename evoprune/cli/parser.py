@@ -257,6 +257,7 @@ def _inspect_command(sub) -> None:
                    help="with --arch: number of classes (default: the classifier width in --weights, else 10)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")
 
+
 def check_combinations(parser: Parser, args: argparse.Namespace) -> None:
     """Flag combinations argparse cannot express; usage errors (exit code 2)."""
     sub = parser.commands[args.command]  # the subcommand's parser, for its prog
